@@ -1,0 +1,19 @@
+"""``python -m app``: serve on ASR_HOST:ASR_PORT with uvicorn (one process, one event loop)."""
+
+import logging
+
+import uvicorn
+
+from app.main import create_app
+from configs import Settings
+
+
+def main() -> None:
+    settings = Settings()
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=30)
+
+
+if __name__ == "__main__":
+    main()

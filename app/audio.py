@@ -1,0 +1,52 @@
+"""Any audio file -> float32 mono PCM at 16 kHz, with PyAV (ffmpeg): wav, flac, mp3, ogg/opus, m4a, webm..."""
+
+from __future__ import annotations
+
+import io
+
+import av
+import numpy as np
+
+from app.errors import APIError
+from workers.features import SAMPLE_RATE
+
+# a file that decodes to less than this share of the duration its container declares was cut short
+TRUNCATION_TOLERANCE = 0.9
+
+
+def decode_audio(data: bytes, max_audio_s: float) -> np.ndarray:
+    """Decode an uploaded file; raises :class:`APIError` (400, 413, 415) with a reason."""
+    if not data:
+        raise APIError(400, "empty_audio", "the request has no audio: send the file as the multipart field 'file' or as the raw body")
+    try:
+        container = av.open(io.BytesIO(data), mode="r", metadata_errors="ignore")
+    except (av.error.FFmpegError, ValueError) as exc:
+        raise APIError(415, "unsupported_audio", "the data is not an audio file ffmpeg can read (wav, flac, mp3, ogg/opus, m4a, webm, ...)") from exc
+    with container:
+        if not container.streams.audio:
+            raise APIError(415, "no_audio_stream", "the file has no audio stream")
+        stream = container.streams.audio[0]
+        declared_s = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
+        if declared_s is None and container.duration:
+            declared_s = container.duration / av.time_base
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        chunks, samples, limit = [], 0, int(max_audio_s * SAMPLE_RATE)
+        try:
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().reshape(-1))
+                    samples += chunks[-1].shape[0]
+                if samples > limit:
+                    raise APIError(413, "audio_too_long", f"the audio is longer than the limit of {max_audio_s:g} s (ASR_MAX_AUDIO_S)")
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().reshape(-1))
+        except av.error.FFmpegError as exc:
+            raise APIError(400, "corrupt_audio", f"the audio stream could not be decoded: {exc.strerror or 'invalid data'}") from exc
+    audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
+    if audio.size == 0:
+        raise APIError(400, "corrupt_audio", "the file decodes to no audio samples")
+    if declared_s and audio.size / SAMPLE_RATE < TRUNCATION_TOLERANCE * declared_s:
+        raise APIError(400, "truncated_audio", f"the file declares {declared_s:.1f} s of audio but holds only {audio.size / SAMPLE_RATE:.1f} s; it was cut short")
+    if not np.isfinite(audio).all():
+        audio = np.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0)
+    return np.clip(audio, -1.0, 1.0).astype(np.float32, copy=False)

@@ -1,0 +1,50 @@
+"""Transcript renderings: the service's JSON, and OpenAI's json, text, srt, vtt and verbose_json."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from workers.jobs import Segment
+from workers.pipeline import Transcript
+from workers.postprocess import compression_ratio
+
+
+class ResponseFormat(str, Enum):
+    json = "json"
+    text = "text"
+    srt = "srt"
+    vtt = "vtt"
+    verbose_json = "verbose_json"
+
+
+def _clock(seconds: float, decimal: str) -> str:
+    ms = round(seconds * 1000)
+    hours, ms = divmod(ms, 3_600_000)
+    minutes, ms = divmod(ms, 60_000)
+    secs, ms = divmod(ms, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal}{ms:03d}"
+
+
+def to_srt(segments: list[Segment]) -> str:
+    blocks = [f"{i}\n{_clock(s.start, ',')} --> {_clock(s.end, ',')}\n{s.text}\n" for i, s in enumerate(segments, 1)]
+    return "\n".join(blocks)
+
+
+def to_vtt(segments: list[Segment]) -> str:
+    return "WEBVTT\n\n" + "\n".join(f"{_clock(s.start, '.')} --> {_clock(s.end, '.')}\n{s.text}\n" for s in segments)
+
+
+def segment_json(i: int, s: Segment) -> dict:
+    return {"id": i, "start": s.start, "end": s.end, "text": s.text,
+            "avg_logprob": round(s.avg_logprob, 4), "no_speech_prob": round(s.no_speech_prob, 4)}
+
+
+def service_json(t: Transcript, model: str, language: str) -> dict:
+    return {"text": t.text, "duration": round(t.duration_s, 3), "language": language, "model": model,
+            "segments": [segment_json(i, s) for i, s in enumerate(t.segments)]}
+
+
+def verbose_json(t: Transcript, language: str) -> dict:
+    return {"task": "transcribe", "language": language, "duration": round(t.duration_s, 3), "text": t.text,
+            "segments": [{**segment_json(i, s), "seek": 0, "tokens": s.tokens, "temperature": 0.0,
+                          "compression_ratio": round(compression_ratio(s.text), 4)} for i, s in enumerate(t.segments)]}

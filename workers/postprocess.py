@@ -1,0 +1,84 @@
+"""Tokens -> text and timed segments, with Whisper's guards against hallucinated text."""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+from workers.decoding import SECONDS_PER_TIMESTAMP, DecodeRow
+from workers.jobs import Segment, WindowResult
+from workers.tokenizer import WhisperTokenizer
+
+
+@dataclass(frozen=True)
+class Guards:
+    no_speech_threshold: float = 0.6  # with logprob_threshold: Whisper's rule for a silent window
+    logprob_threshold: float = -1.0
+    compression_ratio_threshold: float = 2.4  # text that compresses better than this is looping
+    max_repeats: int = 2  # a looping phrase is kept at most this many times in a row
+
+
+def compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def collapse_repeats(words: list[str], max_repeats: int, longest_phrase: int = 20) -> list[str]:
+    """Cut any phrase (1..longest_phrase words) that repeats more than ``max_repeats`` times in a row."""
+    for size in range(1, longest_phrase + 1):
+        out: list[str] = []
+        i = 0
+        while i < len(words):
+            phrase = words[i : i + size]
+            repeats = 1
+            while words[i + repeats * size : i + (repeats + 1) * size] == phrase and len(phrase) == size:
+                repeats += 1
+            kept = min(repeats, max_repeats) if repeats > 1 else 1
+            out += phrase * kept if repeats > 1 else phrase[:1]
+            i += repeats * size if repeats > 1 else 1
+        words = out
+    return words
+
+
+class PostProcessor:
+    def __init__(self, tokenizer: WhisperTokenizer, guards: Guards):
+        self.tokenizer = tokenizer
+        self.guards = guards
+
+    def window_result(self, row: DecodeRow, duration_s: float, offset_s: float) -> WindowResult:
+        """Split a decoded window at its timestamp tokens into segments, in seconds of the request."""
+        guards = self.guards
+        if row.no_speech_prob > guards.no_speech_threshold and row.avg_logprob < guards.logprob_threshold:
+            return WindowResult(segments=[], covered_s=duration_s)
+        begin = self.tokenizer.timestamp_begin
+        tokens = row.tokens
+        spans: list[tuple[float, float, list[int]]] = []
+        start, pending, last_time = 0.0, [], 0.0
+        for token in tokens:
+            if token < begin:
+                pending.append(token)
+                continue
+            last_time = min((token - begin) * SECONDS_PER_TIMESTAMP, duration_s)
+            if pending:
+                spans.append((start, last_time, pending))
+                pending = []
+            start = last_time
+        ends_inside = len(tokens) >= 2 and tokens[-1] >= begin and tokens[-2] >= begin
+        if pending:
+            spans.append((start, duration_s, pending))
+        # a window that ends on a closed segment (two timestamps) may have more speech after it
+        covered_s = last_time if ends_inside else duration_s
+
+        segments = []
+        loops = compression_ratio(self.tokenizer.decode(tokens)) > guards.compression_ratio_threshold
+        for seg_start, seg_end, seg_tokens in spans:
+            text = self.tokenizer.decode(seg_tokens).strip()
+            if loops:
+                text = " ".join(collapse_repeats(text.split(), guards.max_repeats))
+            if not text or (loops and segments and text == segments[-1].text):
+                continue
+            segments.append(Segment(
+                start=round(offset_s + seg_start, 3), end=round(offset_s + max(seg_end, seg_start), 3),
+                text=text, tokens=seg_tokens, avg_logprob=row.avg_logprob, no_speech_prob=row.no_speech_prob,
+            ))
+        return WindowResult(segments=segments, covered_s=covered_s)

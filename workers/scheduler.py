@@ -1,0 +1,122 @@
+"""DynamicBatchScheduler: the batching policy in front of a stage, and nothing else.
+
+A batch closes when it reaches the target size or when its oldest item has waited ``max_wait_ms``,
+whichever comes first: a real deadline, not a polling interval. Real-time work (live streams) is
+served before bulk work (REST files). The queue is bounded: ``put`` waits for room (back-pressure on
+the stage before), ``offer`` refuses at once (admission at the edge).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class Priority(enum.IntEnum):
+    REALTIME = 0
+    BULK = 1
+
+
+class QueueFull(Exception):
+    """The scheduler's queue holds ``capacity`` items already."""
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_batch_size: int  # a batch closes as soon as it has this many items
+    max_wait_ms: float  # ... or once its oldest item has waited this long
+    capacity: int  # most items waiting; beyond it put() waits and offer() refuses
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be 0 or more, got {self.max_wait_ms}")
+        if self.capacity < self.max_batch_size:
+            raise ValueError(f"capacity ({self.capacity}) must hold at least one batch ({self.max_batch_size})")
+
+
+@dataclass
+class _Entry(Generic[T]):
+    item: T
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class DynamicBatchScheduler(Generic[T]):
+    def __init__(self, policy: BatchPolicy):
+        self.policy = policy
+        self._queues: dict[Priority, deque[_Entry[T]]] = {p: deque() for p in Priority}
+        self._changed = asyncio.Condition()
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    def oldest_wait_s(self) -> float:
+        heads = [q[0].enqueued for q in self._queues.values() if q]
+        return time.monotonic() - min(heads) if heads else 0.0
+
+    def has_room(self, items: int = 1) -> bool:
+        return len(self) + items <= self.policy.capacity
+
+    async def put(self, item: T, priority: Priority) -> None:
+        """Enqueue, waiting while the queue is full."""
+        async with self._changed:
+            await self._changed.wait_for(self.has_room)
+            self._queues[priority].append(_Entry(item))
+            self._changed.notify_all()
+
+    def offer(self, item: T, priority: Priority) -> None:
+        """Enqueue now or raise :class:`QueueFull`."""
+        if not self.has_room():
+            raise QueueFull(f"{len(self)} items waiting, capacity {self.policy.capacity}")
+        self._queues[priority].append(_Entry(item))
+        self._wake()
+
+    def _wake(self) -> None:
+        async def notify() -> None:
+            async with self._changed:
+                self._changed.notify_all()
+
+        asyncio.get_running_loop().create_task(notify())
+
+    async def next_batch(self, max_items: int | None = None) -> list[T]:
+        """Wait for work, then for the batch to fill or its deadline; return it (never empty)."""
+        limit = min(max_items or self.policy.max_batch_size, self.policy.max_batch_size)
+        async with self._changed:
+            await self._changed.wait_for(lambda: len(self) > 0)
+            deadline = self._oldest_enqueued() + self.policy.max_wait_ms / 1000
+            while len(self) < limit:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+                except TimeoutError:
+                    break
+            batch = self._take(limit)
+            self._changed.notify_all()
+            return batch
+
+    def take_ready(self, max_items: int) -> list[T]:
+        """Whatever is waiting, up to ``max_items``, without waiting (joins a running batch)."""
+        batch = self._take(min(max_items, self.policy.max_batch_size))
+        if batch:
+            self._wake()
+        return batch
+
+    def _oldest_enqueued(self) -> float:
+        return min(q[0].enqueued for q in self._queues.values() if q)
+
+    def _take(self, limit: int) -> list[T]:
+        batch: list[T] = []
+        for priority in Priority:
+            queue = self._queues[priority]
+            while queue and len(batch) < limit:
+                batch.append(queue.popleft().item)
+        return batch

@@ -1,0 +1,190 @@
+"""The four stages: asyncio worker pools, each fed by a DynamicBatchScheduler, each with its own executor.
+
+A worker takes a batch from its scheduler, runs the blocking compute in the stage's executor (never on
+the event loop), and hands each job to the next stage's scheduler, waiting while that queue is full.
+A failure fails only the jobs of that batch; the worker carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Protocol
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from workers.decoding import DecodeRow, GreedyDecoder
+from workers.jobs import Job
+from workers.postprocess import PostProcessor
+from workers.runner import ModelRunner
+from workers.scheduler import BatchPolicy, DynamicBatchScheduler
+
+log = logging.getLogger(__name__)
+
+
+class StageObserver(Protocol):
+    """What a stage reports; the metrics layer implements it, the stages do not know Prometheus."""
+
+    def batch_done(self, stage: str, size: int, busy_s: float) -> None: ...
+
+    def jobs_done(self, stage: str, jobs: list[Job]) -> None: ...
+
+    def batch_failed(self, stage: str, jobs: list[Job], error: BaseException) -> None: ...
+
+
+class Stage:
+    def __init__(self, name: str, policy: BatchPolicy, workers: int,
+                 process: Callable[[list[Job]], None] | None, observer: StageObserver):
+        self.name = name
+        self.scheduler: DynamicBatchScheduler[Job] = DynamicBatchScheduler(policy)
+        self.workers = workers
+        self.process = process
+        self.observer = observer
+        self.next: Stage | None = None
+        self.busy_workers = 0
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"stage-{name}")
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._work(), name=f"{self.name}-{i}") for i in range(self.workers)]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def put(self, job: Job) -> None:
+        job.mark(self.name, "enqueued")
+        await self.scheduler.put(job, job.priority)
+
+    async def run_blocking(self, fn: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def _work(self) -> None:
+        while True:
+            batch = [job for job in await self.scheduler.next_batch() if not job.abandoned]
+            if batch:
+                await self._run(batch)
+
+    async def _run(self, batch: list[Job]) -> None:
+        for job in batch:
+            job.mark(self.name, "started")
+        started = time.monotonic()
+        self.busy_workers += 1
+        try:
+            await self.run_blocking(self.process, batch)
+        except Exception as error:  # noqa: BLE001 - a failed batch fails its jobs, not the worker
+            log.exception("stage %s: batch of %d failed", self.name, len(batch))
+            self.observer.batch_failed(self.name, batch, error)
+            for job in batch:
+                job.fail(StageError(self.name, error))
+            return
+        finally:
+            self.busy_workers -= 1
+        self.observer.batch_done(self.name, len(batch), time.monotonic() - started)
+        await self._hand_on(batch)
+
+    async def _hand_on(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            job.mark(self.name, "finished")
+        self.observer.jobs_done(self.name, jobs)
+        for job in jobs:
+            if self.next is None:
+                job.finish(job.result)
+            else:
+                await self.next.put(job)
+
+
+class StageError(RuntimeError):
+    """Model work on a batch failed; the request's audio was fine as far as the service can tell."""
+
+    def __init__(self, stage: str, cause: BaseException):
+        super().__init__(f"the {stage} stage failed on this request's batch: {type(cause).__name__}")
+        self.stage = stage
+
+
+class DecoderStage(Stage):
+    """The decoder runs iteration-level batching: between two tokens its running batch takes in the
+    rows waiting in the queue and hands on the rows that finished, so nobody waits for the longest row."""
+
+    def __init__(self, policy: BatchPolicy, workers: int, runner: ModelRunner, observer: StageObserver):
+        super().__init__("decoder", policy, workers, None, observer)
+        self.runner = runner
+
+    async def _work(self) -> None:
+        decoder = self.runner.new_decoder()
+        capacity = self.scheduler.policy.max_batch_size
+        while True:
+            if decoder.running:
+                joining = self.scheduler.take_ready(capacity - decoder.running)
+            else:
+                joining = await self.scheduler.next_batch()
+            joining = [job for job in joining if not job.abandoned]
+            for job in joining:
+                job.mark(self.name, "started")
+            started, size = time.monotonic(), decoder.running + len(joining)
+            self.busy_workers += 1
+            try:
+                finished = await self.run_blocking(self._advance, decoder, joining)
+            except Exception as error:  # noqa: BLE001 - fail the running batch, start a fresh one
+                failed = joining + [row.owner for row in decoder.rows]
+                log.exception("stage decoder: running batch of %d failed", len(failed))
+                self.observer.batch_failed(self.name, failed, error)
+                for job in failed:
+                    job.fail(StageError(self.name, error))
+                decoder = self.runner.new_decoder()
+                continue
+            finally:
+                self.busy_workers -= 1
+            self.observer.batch_done(self.name, size, time.monotonic() - started)
+            if finished:
+                await self._hand_on(finished)
+
+    def _advance(self, decoder: GreedyDecoder, joining: list[Job]) -> list[Job]:
+        """One iteration: take in the joining rows, then sample one token for every row."""
+        finished = []
+        if joining:
+            rows = [DecodeRow(prompt=decoder.build_prompt(job.prompt_tokens, job.language), owner=job) for job in joining]
+            finished += decoder.add(rows, torch.stack([job.encoded for job in joining]))
+        finished += decoder.step()
+        for row in finished:
+            row.owner.decoded = row
+        return [row.owner for row in finished]
+
+
+def build_stages(runner: ModelRunner, post: PostProcessor, settings, observer: StageObserver) -> list[Stage]:
+    """features -> acoustic -> decoder -> post, with each stage's batching policy from the settings."""
+    on_gpu = runner.device.type == "cuda"
+    capacity = settings.queue_capacity
+    acoustic_batch = settings.acoustic_max_batch_size or (16 if on_gpu else 1)
+    decoder_batch = settings.decoder_max_batch_size or (64 if on_gpu else 16)
+
+    def features(jobs: list[Job]) -> None:
+        for job in jobs:
+            job.mel = runner.features(job.audio)
+
+    def acoustic(jobs: list[Job]) -> None:
+        encoded = runner.encode([job.mel for job in jobs])
+        for job, row in zip(jobs, encoded):
+            job.encoded, job.mel = row, None
+
+    def postprocess(jobs: list[Job]) -> None:
+        for job in jobs:
+            job.result = post.window_result(job.decoded, job.duration_s, job.offset_s)
+            job.encoded = None
+
+    stages = [
+        Stage("features", BatchPolicy(1, 0.0, capacity), settings.features_workers, features, observer),
+        Stage("acoustic", BatchPolicy(acoustic_batch, settings.acoustic_max_wait_ms, max(capacity, acoustic_batch)),
+              settings.acoustic_workers, acoustic, observer),
+        DecoderStage(BatchPolicy(decoder_batch, settings.decoder_max_wait_ms, max(capacity, decoder_batch)),
+                     settings.decoder_workers, runner, observer),
+        Stage("post", BatchPolicy(1, 0.0, capacity), settings.post_workers, postprocess, observer),
+    ]
+    for stage, following in zip(stages, stages[1:]):
+        stage.next = following
+    return stages
