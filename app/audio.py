@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 
 import av
 import numpy as np
@@ -12,6 +13,20 @@ from workers.features import SAMPLE_RATE
 
 # a file that decodes to less than this share of the duration its container declares was cut short
 TRUNCATION_TOLERANCE = 0.9
+
+
+def wav_is_truncated(data: bytes) -> bool:
+    """True for a RIFF/WAVE file whose data chunk declares more bytes than the file holds. ffmpeg
+    derives a WAV's duration from the file size, so the general check below cannot see this."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return False
+    offset = 12
+    while offset + 8 <= len(data):
+        chunk, size = data[offset : offset + 4], struct.unpack_from("<I", data, offset + 4)[0]
+        if chunk == b"data":
+            return size != 0xFFFFFFFF and offset + 8 + size > len(data)  # 0xFFFFFFFF: streamed, unknown size
+        offset += 8 + size + (size & 1)
+    return False
 
 
 def decode_audio(data: bytes, max_audio_s: float) -> np.ndarray:
@@ -45,8 +60,8 @@ def decode_audio(data: bytes, max_audio_s: float) -> np.ndarray:
     audio = np.concatenate(chunks) if chunks else np.zeros(0, np.float32)
     if audio.size == 0:
         raise APIError(400, "corrupt_audio", "the file decodes to no audio samples")
-    if declared_s and audio.size / SAMPLE_RATE < TRUNCATION_TOLERANCE * declared_s:
-        raise APIError(400, "truncated_audio", f"the file declares {declared_s:.1f} s of audio but holds only {audio.size / SAMPLE_RATE:.1f} s; it was cut short")
+    if wav_is_truncated(data) or (declared_s and audio.size / SAMPLE_RATE < TRUNCATION_TOLERANCE * declared_s):
+        raise APIError(400, "truncated_audio", f"the file holds only {audio.size / SAMPLE_RATE:.1f} s of the audio its header declares; it was cut short")
     if not np.isfinite(audio).all():
         audio = np.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0)
     return np.clip(audio, -1.0, 1.0).astype(np.float32, copy=False)

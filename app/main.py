@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
@@ -38,6 +39,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Streaming and batch speech recognition on a self-tuning four-stage Whisper pipeline.")
     app.state.service = service
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = route.path if route is not None else "unmatched"  # raw paths would explode label cardinality
+        service.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        service.metrics.request_latency.labels(endpoint).observe(time.perf_counter() - started)
+        return response
     install_error_handlers(app)
     app.include_router(transcribe.router)
     app.include_router(ops.router)

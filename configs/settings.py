@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     max_new_tokens: int = Field(224, ge=1, le=224, description="Most tokens decoded for one 30 s window.")
     no_speech_threshold: float = Field(0.6, ge=0, le=1, description="A window gives no text when its no-speech probability is above this and its average log-probability below ASR_LOGPROB_THRESHOLD (Whisper's silence rule).")
     logprob_threshold: float = Field(-1.0, description="See ASR_NO_SPEECH_THRESHOLD.")
+    silence_threshold_dbfs: float = Field(-60.0, le=0, description="A window quieter than this (RMS, dB full scale) is silence: it is not decoded and gives no text.")
     compression_ratio_threshold: float = Field(2.4, gt=1, description="Text that gzip compresses better than this is a repetition loop and is cut back.")
 
     @model_validator(mode="after")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,9 +57,14 @@ def plan_windows(audio: np.ndarray) -> list[tuple[int, int]]:
     return windows
 
 
+def rms_dbfs(audio: np.ndarray) -> float:
+    return 10 * math.log10(float(np.mean(np.square(audio, dtype=np.float64))) + 1e-20)
+
+
 class Pipeline:
     def __init__(self, runner: ModelRunner, settings: Settings, observer: StageObserver):
         self.runner = runner
+        self.silence_dbfs = settings.silence_threshold_dbfs
         guards = Guards(settings.no_speech_threshold, settings.logprob_threshold, settings.compression_ratio_threshold)
         self.stages: list[Stage] = build_stages(runner, PostProcessor(runner.tokenizer, guards), settings, observer)
 
@@ -92,7 +98,8 @@ class Pipeline:
         segments: list[Segment] = []
         try:
             for start, end in windows:
-                await submit(start, end, 0)
+                if rms_dbfs(audio[start:end]) >= self.silence_dbfs:  # Whisper hallucinates on silence
+                    await submit(start, end, 0)
             while pending:
                 done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for future in done:

@@ -1,0 +1,83 @@
+"""Shared fixtures: the evaluation kit, and real servers (``python -m app``) on loopback ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EVAL = ROOT.parent / "shared" / "eval"
+JFK = EVAL / "audio" / "faster_whisper_tests" / "jfk.flac"
+JFK_TEXT = "and so my fellow americans ask not what your country can do for you ask what you can do for your country"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A real server process; ``url`` is its base URL."""
+
+    def __init__(self, **settings: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "ASR_HOST": "127.0.0.1", "ASR_PORT": str(self.port), "ASR_LOG_LEVEL": "warning",
+               **{f"ASR_{k.upper()}": v for k, v in settings.items()}}
+        self.process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env)
+
+    def wait_ready(self, timeout_s: float = 180) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode} before it was ready")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError("server not ready in time")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    s = Server()
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def limited_server() -> Iterator[Server]:
+    """Small limits, to test refusals without huge uploads."""
+    s = Server(max_upload_bytes="2000000", max_audio_s="20")
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        yield c

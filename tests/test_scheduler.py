@@ -1,0 +1,81 @@
+"""DynamicBatchScheduler: batch size, deadline, priority, bounded queue."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from workers.scheduler import BatchPolicy, DynamicBatchScheduler, Priority, QueueFull
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_batch_closes_at_target_size() -> None:
+    async def main():
+        s = DynamicBatchScheduler(BatchPolicy(max_batch_size=3, max_wait_ms=60_000, capacity=10))
+        for i in range(5):
+            await s.put(i, Priority.BULK)
+        return await s.next_batch(), len(s)
+
+    first, left = run(main())
+    assert first == [0, 1, 2] and left == 2
+
+
+def test_batch_closes_at_deadline_with_what_it_has() -> None:
+    async def main():
+        s = DynamicBatchScheduler(BatchPolicy(max_batch_size=8, max_wait_ms=20, capacity=10))
+        await s.put("a", Priority.BULK)
+        # the batch is not full: it must still close once "a" has waited 20 ms
+        return await asyncio.wait_for(s.next_batch(), timeout=5)
+
+    assert run(main()) == ["a"]
+
+
+def test_item_arriving_before_deadline_joins_batch() -> None:
+    async def main():
+        s = DynamicBatchScheduler(BatchPolicy(max_batch_size=2, max_wait_ms=5_000, capacity=10))
+        await s.put("a", Priority.BULK)
+        batch = asyncio.create_task(s.next_batch())
+        await asyncio.sleep(0.01)
+        await s.put("b", Priority.BULK)
+        return await asyncio.wait_for(batch, timeout=5)
+
+    assert run(main()) == ["a", "b"]
+
+
+def test_realtime_goes_first() -> None:
+    async def main():
+        s = DynamicBatchScheduler(BatchPolicy(max_batch_size=2, max_wait_ms=0, capacity=10))
+        for item in ("bulk1", "bulk2"):
+            await s.put(item, Priority.BULK)
+        await s.put("live", Priority.REALTIME)
+        return await s.next_batch(), await s.next_batch()
+
+    assert run(main()) == (["live", "bulk1"], ["bulk2"])
+
+
+def test_bounded_queue() -> None:
+    async def main():
+        s = DynamicBatchScheduler(BatchPolicy(max_batch_size=1, max_wait_ms=0, capacity=2))
+        s.offer(1, Priority.BULK)
+        s.offer(2, Priority.BULK)
+        with pytest.raises(QueueFull):
+            s.offer(3, Priority.BULK)
+        blocked = asyncio.create_task(s.put(3, Priority.BULK))
+        await asyncio.sleep(0.01)
+        assert not blocked.done()  # back-pressure: waits for room
+        assert await s.next_batch() == [1]
+        await asyncio.wait_for(blocked, timeout=5)
+        return [await s.next_batch(), await s.next_batch()]
+
+    assert run(main()) == [[2], [3]]
+
+
+def test_policy_validation() -> None:
+    with pytest.raises(ValueError, match="max_batch_size"):
+        BatchPolicy(max_batch_size=0, max_wait_ms=1, capacity=1)
+    with pytest.raises(ValueError, match="capacity"):
+        BatchPolicy(max_batch_size=8, max_wait_ms=1, capacity=4)
