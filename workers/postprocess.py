@@ -31,11 +31,14 @@ def collapse_repeats(words: list[str], max_repeats: int, longest_phrase: int = 2
         while i < len(words):
             phrase = words[i : i + size]
             repeats = 1
-            while words[i + repeats * size : i + (repeats + 1) * size] == phrase and len(phrase) == size:
+            while len(phrase) == size and words[i + repeats * size : i + (repeats + 1) * size] == phrase:
                 repeats += 1
-            kept = min(repeats, max_repeats) if repeats > 1 else 1
-            out += phrase * kept if repeats > 1 else phrase[:1]
-            i += repeats * size if repeats > 1 else 1
+            if repeats > 1:
+                out += phrase * min(repeats, max_repeats)
+                i += repeats * size
+            else:
+                out.append(words[i])
+                i += 1
         words = out
     return words
 
