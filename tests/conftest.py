@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -56,25 +57,28 @@ class Server:
             self.process.kill()
 
 
-@pytest.fixture(scope="session")
-def server() -> Iterator[Server]:
-    s = Server()
+@contextlib.contextmanager
+def running_server(**settings: str) -> Iterator[Server]:
+    """A ready server with these settings, stopped on exit."""
+    s = Server(**settings)
     try:
         s.wait_ready()
         yield s
     finally:
         s.stop()
+
+
+@pytest.fixture(scope="session")
+def server() -> Iterator[Server]:
+    with running_server() as s:
+        yield s
 
 
 @pytest.fixture(scope="session")
 def limited_server() -> Iterator[Server]:
     """Small limits, to test refusals without huge uploads."""
-    s = Server(max_upload_bytes="2000000", max_audio_s="20")
-    try:
-        s.wait_ready()
+    with running_server(max_upload_bytes="2000000", max_audio_s="20") as s:
         yield s
-    finally:
-        s.stop()
 
 
 @pytest.fixture(scope="session")
