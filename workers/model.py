@@ -239,14 +239,41 @@ class TextDecoder(nn.Module):
         state.lengths += counts
         return self.ln(x)
 
-    def tie_output_projection(self) -> None:
-        """Lay the tied output projection out as [D, V] once the weights are loaded: a decode step then
-        reads it contiguously (the CPU decode step is about 20% faster)."""
-        self.output_projection = self.token_embedding.weight.T.contiguous()
+    def freeze(self) -> None:
+        """Lay the weights out for inference once they are loaded. On the CPU, every linear layer and the
+        tied output projection run from fp16-packed weights (see :class:`Fp16Linear`)."""
+        weight = self.token_embedding.weight
+        if weight.device.type == "cpu" and "fbgemm" in torch.backends.quantized.supported_engines:
+            parents = [m for m in self.blocks.modules() if any(isinstance(c, nn.Linear) for c in m.children())]
+            for parent in parents:
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, nn.Linear):
+                        setattr(parent, name, Fp16Linear(child.weight, child.bias))
+            self.output_projection = Fp16Linear(weight, None)
+        else:
+            self.output_projection = lambda hidden: F.linear(hidden, weight)
 
     def logits(self, hidden: Tensor) -> Tensor:
         """hidden [..., D] -> logits [..., V]"""
-        return hidden @ self.output_projection
+        return self.output_projection(hidden)
+
+
+class Fp16Linear(nn.Module):
+    """A linear layer whose weight is stored in fp16, packed for fbgemm; inputs and outputs stay fp32.
+
+    A CPU decode step multiplies a few rows by every decoder weight, so it is bound by reading them:
+    fbgemm's fp16 kernel halves the bytes and avoids MKL's slow skinny GEMMs. The output projection
+    (51864 x 384) at batch 8 on 2 cores takes 4.6 ms instead of 14.4 ms. The weights lose what fp16
+    loses (2e-4 relative), the precision the CUDA path runs at anyway; activations are not quantised, so
+    a row's result does not depend on its batch mates.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None):
+        super().__init__()
+        self.packed = torch.ops.quantized.linear_prepack_fp16(weight.detach().float(), None if bias is None else bias.detach().float())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
 
 
 class Whisper(nn.Module):

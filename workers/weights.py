@@ -172,7 +172,7 @@ def load_whisper(model_dir: Path, device: torch.device, dtype: torch.dtype) -> t
             raise ModelFormatError(f"{model_file}: {name} has shape {array.shape}, the model needs {expected[name]}")
         state[name] = torch.from_numpy(array.astype(np.float32)).to(device=device, dtype=dtype)
     model.load_state_dict(state, assign=True)
-    model.decoder.tie_output_projection()
+    model.decoder.freeze()
     config_file = model_dir / "config.json"
     config = json.loads(config_file.read_text()) if config_file.is_file() else {}
     return model.eval(), config
