@@ -20,4 +20,4 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[test,bench]'
-	$(PY) -m loadtest.bench_rest --concurrency 8 --plot loadtest/results/bench_rest.png
+	$(PY) -m loadtest.bench_rest --concurrency 8 --rounds 2 --plot loadtest/results/bench_rest.png

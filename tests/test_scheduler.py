@@ -46,6 +46,22 @@ def test_item_arriving_before_deadline_joins_batch() -> None:
     assert run(main()) == ["a", "b"]
 
 
+def test_batch_waits_while_more_is_coming_and_closes_when_nothing_is() -> None:
+    async def main():
+        s = DynamicBatchScheduler(BatchPolicy(max_batch_size=8, max_wait_ms=60_000, capacity=10))
+        upstream = ["b", "c"]  # the stage before still holds two items
+        await s.put("a", Priority.BULK)
+        batch = asyncio.create_task(s.next_batch(more_coming=lambda: bool(upstream)))
+        for _ in range(2):
+            await asyncio.sleep(0.01)
+            assert not batch.done()
+            await s.put(upstream.pop(0), Priority.BULK)
+        # the last item arrived and nothing is upstream: no reason to wait out the minute
+        return await asyncio.wait_for(batch, timeout=5)
+
+    assert run(main()) == ["a", "b", "c"]
+
+
 def test_realtime_goes_first() -> None:
     async def main():
         s = DynamicBatchScheduler(BatchPolicy(max_batch_size=2, max_wait_ms=0, capacity=10))

@@ -1,7 +1,8 @@
 """DynamicBatchScheduler: the batching policy in front of a stage, and nothing else.
 
-A batch closes when it reaches the target size or when its oldest item has waited ``max_wait_ms``,
-whichever comes first: a real deadline, not a polling interval. Real-time work (live streams) is
+A batch closes when it reaches the target size, when its oldest item has waited ``max_wait_ms``, or
+as soon as the caller says nothing more is on its way, whichever comes first: a real deadline, not a
+polling interval. Real-time work (live streams) is
 served before bulk work (REST files). The queue is bounded: ``put`` waits for room (back-pressure on
 the stage before), ``offer`` refuses at once (admission at the edge).
 """
@@ -12,6 +13,7 @@ import asyncio
 import enum
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -85,13 +87,17 @@ class DynamicBatchScheduler(Generic[T]):
 
         asyncio.get_running_loop().create_task(notify())
 
-    async def next_batch(self, max_items: int | None = None) -> list[T]:
-        """Wait for work, then for the batch to fill or its deadline; return it (never empty)."""
+    async def next_batch(self, max_items: int | None = None, more_coming: Callable[[], bool] = lambda: True) -> list[T]:
+        """Wait for work, then for the batch to fill or its deadline; return it (never empty).
+
+        ``more_coming`` says whether items are on their way (the stage before is busy); once it says
+        no, waiting longer cannot fill the batch and it closes at once.
+        """
         limit = min(max_items or self.policy.max_batch_size, self.policy.max_batch_size)
         async with self._changed:
             await self._changed.wait_for(lambda: len(self) > 0)
             deadline = self._oldest_enqueued() + self.policy.max_wait_ms / 1000
-            while len(self) < limit:
+            while len(self) < limit and more_coming():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
