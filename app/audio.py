@@ -65,3 +65,51 @@ def decode_audio(data: bytes, max_audio_s: float) -> np.ndarray:
     if not np.isfinite(audio).all():
         audio = np.nan_to_num(audio, nan=0.0, posinf=0.0, neginf=0.0)
     return np.clip(audio, -1.0, 1.0).astype(np.float32, copy=False)
+
+
+PCM_ENCODINGS = {"pcm_s16le": (np.dtype("<i2"), 32768.0), "pcm_f32le": (np.dtype("<f4"), 1.0)}
+
+
+class PcmStream:
+    """Raw mono PCM in frames of any size -> float32 at 16 kHz.
+
+    Bytes of a sample split across two frames are carried to the next one. Other sample rates go
+    through one swresample context for the whole stream, so frame edges leave no clicks.
+    """
+
+    def __init__(self, encoding: str, sample_rate: int):
+        self.dtype, self.scale = PCM_ENCODINGS[encoding]
+        self.sample_rate = sample_rate
+        self.carry = b""
+        self.samples_in = 0
+        self.resampler = None if sample_rate == SAMPLE_RATE else av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+
+    def decode(self, data: bytes) -> np.ndarray:
+        data = self.carry + data
+        whole = len(data) // self.dtype.itemsize * self.dtype.itemsize
+        self.carry = data[whole:]
+        audio = np.frombuffer(data[:whole], dtype=self.dtype).astype(np.float32) / self.scale
+        # a float stream may carry NaN, infinities or values past full scale; they must not reach the model
+        audio = np.clip(np.nan_to_num(audio, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
+        return self._resample(audio)
+
+    def flush(self) -> np.ndarray:
+        """What the resampler still holds, at the end of the stream (or of an utterance)."""
+        if self.resampler is None:
+            return np.zeros(0, dtype=np.float32)
+        return self._frames(self.resampler.resample(None))
+
+    def _resample(self, audio: np.ndarray) -> np.ndarray:
+        if self.resampler is None or not len(audio):
+            return audio
+        frame = av.AudioFrame.from_ndarray(audio[None, :], format="flt", layout="mono")
+        frame.sample_rate = self.sample_rate
+        frame.pts = self.samples_in
+        self.samples_in += len(audio)
+        return self._frames(self.resampler.resample(frame))
+
+    @staticmethod
+    def _frames(frames: list[av.AudioFrame]) -> np.ndarray:
+        if not frames:
+            return np.zeros(0, dtype=np.float32)
+        return np.concatenate([f.to_ndarray().reshape(-1) for f in frames])

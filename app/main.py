@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request, Response
 
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
-from app.routes import ops, transcribe
+from app.routes import ops, stream, transcribe
 from app.service import Service
 from configs import Settings
 
@@ -51,5 +51,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return response
     install_error_handlers(app)
     app.include_router(transcribe.router)
+    app.include_router(stream.router)
     app.include_router(ops.router)
     return app

@@ -32,6 +32,16 @@ class Metrics:
         self.request_latency = Histogram("asr_http_request_duration_seconds", "Time from request to response.", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.audio_seconds = Counter("asr_audio_processed_seconds", "Seconds of audio transcribed.", ["source"], registry=r)
         self.rejected = Counter("asr_rejected_requests", "Requests refused before any model work, by reason.", ["reason"], registry=r)
+        self.streams_active = Gauge("asr_streams_active", "Live streams now connected.", registry=r)
+        self.stream_sessions_held = Gauge("asr_stream_sessions_held", "Stream sessions holding audio and state; equals asr_streams_active unless something leaks.", registry=r)
+        self.stream_sessions = Counter("asr_stream_sessions", "Streams ended, by close reason.", ["reason"], registry=r)
+        self.first_partial_latency = Histogram("asr_stream_first_partial_latency_seconds", "From an utterance's first speech to its first partial.", buckets=LATENCY_BUCKETS, registry=r)
+        self.partial_latency = Histogram("asr_stream_partial_latency_seconds", "From an interim step's newest audio to its partial.", buckets=LATENCY_BUCKETS, registry=r)
+        self.final_latency = Histogram("asr_stream_final_latency_seconds", "From the end of an utterance (endpoint, finalize, close) to its final.", buckets=LATENCY_BUCKETS, registry=r)
+
+    def watch_streams(self, connections: set, sessions: set) -> None:
+        self.streams_active.set_function(lambda: len(connections))
+        self.stream_sessions_held.set_function(lambda: len(sessions))
 
     def watch(self, stages: list[Stage]) -> None:
         """Gauges that read the stages at scrape time."""

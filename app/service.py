@@ -12,6 +12,7 @@ from app.metrics import Metrics
 from workers.decoding import DecodingOptions
 from workers.pipeline import Pipeline
 from workers.runner import EMBEDDED_MODEL_NAME, ModelRunner, choose_device, embedded_model_path
+from workers.streaming import StreamConfig, StreamEngine
 
 log = logging.getLogger(__name__)
 
@@ -21,6 +22,8 @@ class Service:
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
     pipeline: Pipeline | None = None
+    streams: StreamEngine | None = None
+    stream_connections: set[asyncio.Task] = field(default_factory=set)
     model_name: str = ""
     load_error: str | None = None
 
@@ -44,6 +47,10 @@ class Service:
         pipeline = Pipeline(runner, settings, self.metrics)
         self.metrics.watch(pipeline.stages)
         pipeline.start()
+        self.streams = await asyncio.to_thread(StreamEngine, pipeline, StreamConfig(
+            step_s=settings.stream_step_s, vad_threshold=settings.stream_vad_threshold,
+            max_utterance_s=settings.stream_max_utterance_s, prompt_previous_text=settings.stream_prompt_previous_text))
+        self.metrics.watch_streams(self.stream_connections, self.streams.sessions)
         self.pipeline = pipeline
         log.info("model %s ready on %s in %.1f s (warm-up: encoder %.3f s, decoder %.3f s per window)",
                  self.model_name, runner.device, time.perf_counter() - started, report.encoder_s, report.decoder_s)
@@ -57,6 +64,12 @@ class Service:
         return ModelRunner(model_dir, choose_device(self.settings.device), options)
 
     async def close(self) -> None:
+        """Streams still open are told the server is going away, then the stages stop."""
+        for task in list(self.stream_connections):
+            task.cancel()
+        await asyncio.gather(*self.stream_connections, return_exceptions=True)
+        if self.streams is not None:
+            self.streams.close()
         if self.pipeline is not None:
             pipeline, self.pipeline = self.pipeline, None
             await pipeline.stop()

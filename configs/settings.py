@@ -49,6 +49,17 @@ class Settings(BaseSettings):
     silence_threshold_dbfs: float = Field(-60.0, le=0, description="A window quieter than this (RMS, dB full scale) is silence: it is not decoded and gives no text.")
     compression_ratio_threshold: float = Field(2.4, gt=1, description="Text that gzip compresses better than this is a repetition loop and is cut back.")
 
+    # live streams over /v1/stream
+    stream_max_sessions: int = Field(16, ge=1, description="Most concurrent streams; past it the handshake is refused with 503.")
+    stream_idle_timeout_s: float = Field(30.0, gt=0, description="A stream that sends nothing for this long is closed (error idle_timeout, close code 1008).")
+    stream_max_session_s: float = Field(4 * 3600.0, gt=0, description="Longest a stream may stay open (error session_too_long, close code 1008).")
+    stream_max_frame_bytes: int = Field(1 << 20, ge=1024, description="Largest message a client may send (close code 1009 past it).")
+    stream_step_s: float = Field(1.0, gt=0, description="New speech that triggers an interim transcription; under load a stream's step grows instead of queueing.")
+    stream_endpoint_silence_ms: int = Field(600, ge=100, le=10_000, description="Default trailing silence that ends an utterance (a client may choose its own).")
+    stream_vad_threshold: float = Field(0.5, gt=0, lt=1, description="Silero VAD speech probability above which a 32 ms chunk is speech.")
+    stream_max_utterance_s: float = Field(25.0, ge=5, le=29, description="An utterance still going on at this length is cut at its last committed segment and finalized.")
+    stream_prompt_previous_text: bool = Field(True, description="Give the decoder the text of the stream's earlier finals as its prompt.")
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.model_path is not None and not (self.model_path / "model.bin").is_file():

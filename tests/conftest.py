@@ -76,8 +76,9 @@ def server() -> Iterator[Server]:
 
 @pytest.fixture(scope="session")
 def limited_server() -> Iterator[Server]:
-    """Small limits, to test refusals without huge uploads."""
-    with running_server(max_upload_bytes="2000000", max_audio_s="20") as s:
+    """Small limits, to test refusals without huge uploads or long waits."""
+    with running_server(max_upload_bytes="2000000", max_audio_s="20", stream_max_sessions="2",
+                        stream_idle_timeout_s="2", stream_max_session_s="5", stream_max_frame_bytes="65536") as s:
         yield s
 
 

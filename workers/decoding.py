@@ -37,6 +37,7 @@ class DecodeRow:
 
     prompt: list[int]
     owner: Any = None  # what the stage attaches (the job); the decoder never looks at it
+    max_tokens: int = 224  # a window's budget; a short window gets a small one (see token_budget)
     tokens: list[int] = field(default_factory=list)
     sum_logprob: float = 0.0
     no_speech_prob: float = math.nan
@@ -45,6 +46,13 @@ class DecodeRow:
     @property
     def avg_logprob(self) -> float:
         return self.sum_logprob / (len(self.tokens) + 1)
+
+
+def token_budget(duration_s: float) -> int:
+    """Most tokens a window of this length can need: fast speech is about 5 tokens a second, plus its
+    timestamps. A decoder caught in a repetition loop on a short window stops here instead of at 224,
+    which bounds the time the loop can cost (a 1 s window: 36 steps instead of 224)."""
+    return 24 + math.ceil(12 * duration_s)
 
 
 class TimestampRules:
@@ -163,7 +171,7 @@ class GreedyDecoder:
                 row.finished = True
                 continue
             row.tokens.append(token)
-            if len(row.tokens) >= self.options.sample_len or len(row.prompt) + len(row.tokens) >= max_length:
+            if len(row.tokens) >= min(self.options.sample_len, row.max_tokens) or len(row.prompt) + len(row.tokens) >= max_length:
                 row.finished = True
         return self._retire()
 

@@ -2,9 +2,9 @@
 
 A batch closes when it reaches the target size, when its oldest item has waited ``max_wait_ms``, or
 as soon as the caller says nothing more is on its way, whichever comes first: a real deadline, not a
-polling interval. Real-time work (live streams) is
-served before bulk work (REST files). The queue is bounded: ``put`` waits for room (back-pressure on
-the stage before), ``offer`` refuses at once (admission at the edge).
+polling interval. Live-stream work is served before bulk work (REST files), and the end of an
+utterance before a stream's interim steps. The queue is bounded: ``put`` waits for room
+(back-pressure on the stage before), ``offer`` refuses at once (admission at the edge).
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ T = TypeVar("T")
 
 
 class Priority(enum.IntEnum):
-    REALTIME = 0
-    BULK = 1
+    FINAL = 0  # the end of a live utterance: somebody is waiting for it
+    REALTIME = 1  # a live stream's interim step
+    BULK = 2  # REST files
 
 
 class QueueFull(Exception):
@@ -91,13 +92,14 @@ class DynamicBatchScheduler(Generic[T]):
         """Wait for work, then for the batch to fill or its deadline; return it (never empty).
 
         ``more_coming`` says whether items are on their way (the stage before is busy); once it says
-        no, waiting longer cannot fill the batch and it closes at once.
+        no, waiting longer cannot fill the batch and it closes at once. Live-stream work never waits
+        for a batch to fill.
         """
         limit = min(max_items or self.policy.max_batch_size, self.policy.max_batch_size)
         async with self._changed:
             await self._changed.wait_for(lambda: len(self) > 0)
             deadline = self._oldest_enqueued() + self.policy.max_wait_ms / 1000
-            while len(self) < limit and more_coming():
+            while len(self) < limit and more_coming() and not self._live_waiting():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -115,6 +117,9 @@ class DynamicBatchScheduler(Generic[T]):
         if batch:
             self._wake()
         return batch
+
+    def _live_waiting(self) -> bool:
+        return bool(self._queues[Priority.FINAL] or self._queues[Priority.REALTIME])
 
     def _oldest_enqueued(self) -> float:
         return min(q[0].enqueued for q in self._queues.values() if q)

@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from workers.decoding import DecodeRow, GreedyDecoder
+from workers.decoding import DecodeRow, GreedyDecoder, token_budget
 from workers.jobs import Job
 from workers.postprocess import PostProcessor
 from workers.runner import ModelRunner
@@ -157,7 +157,8 @@ class DecoderStage(Stage):
         """One iteration: take in the joining rows, then sample one token for every row."""
         finished = []
         if joining:
-            rows = [DecodeRow(prompt=decoder.build_prompt(job.prompt_tokens, job.language), owner=job) for job in joining]
+            rows = [DecodeRow(prompt=decoder.build_prompt(job.prompt_tokens, job.language), owner=job,
+                              max_tokens=token_budget(job.duration_s)) for job in joining]
             finished += decoder.add(rows, torch.stack([job.encoded for job in joining]))
         finished += decoder.step()
         for row in finished:

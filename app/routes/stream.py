@@ -1,0 +1,242 @@
+"""``/v1/stream``: live transcription over a WebSocket (the protocol is documented in the README).
+
+This module speaks the wire protocol and enforces its limits; the session logic (VAD, interim steps,
+finals) is :class:`workers.streaming.StreamSession`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from typing import Literal
+
+from fastapi import APIRouter, WebSocket
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.websockets import WebSocketState
+
+from app.audio import PcmStream
+from app.errors import error_body
+from app.service import Service
+from workers.streaming import Event, Final, Partial, StreamError, StreamOptions, StreamSession
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["streaming"])
+
+CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_INTERNAL, CLOSE_TRY_LATER = 1000, 1001, 1008, 1009, 1011, 1013
+DRAIN_TIMEOUT_S = 60.0  # longest the last final may take once the stream is closing
+
+
+class StartMessage(BaseModel):
+    """The options of a stream: the optional first text message, or the same names as query parameters."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["start"] = "start"
+    sample_rate: int = Field(16000, ge=8000, le=192000)
+    encoding: Literal["pcm_s16le", "pcm_f32le"] = "pcm_s16le"
+    language: str = "en"
+    interim_results: bool = True
+    endpoint_silence_ms: int | None = Field(None, ge=100, le=10_000)
+
+
+class BadOptions(ValueError):
+    pass
+
+
+def parse_start(data: dict, service: Service) -> StartMessage:
+    """Validate stream options (a start message or the query parameters); raises :class:`BadOptions`."""
+    try:
+        start = StartMessage.model_validate(data)
+    except ValidationError as exc:
+        raise BadOptions("; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in exc.errors())) from exc
+    if not service.pipeline.runner.tokenizer.has_language(start.language.lower()):
+        raise BadOptions(f"the model {service.model_name} does not transcribe language {start.language!r}")
+    return start
+
+
+class StreamConnection:
+    """One client: reads its messages, feeds its session, and is the only writer to its socket."""
+
+    def __init__(self, websocket: WebSocket, service: Service, start: StartMessage):
+        self.websocket = websocket
+        self.service = service
+        self.settings = service.settings
+        self.metrics = service.metrics
+        self.start = start
+        self.session: StreamSession | None = None  # opened at the first audio or control message
+        self.pcm: PcmStream | None = None
+        self.outbox: asyncio.Queue[dict | None] = asyncio.Queue()
+        self.id = uuid.uuid4().hex[:12]
+
+    def options(self) -> dict:
+        endpoint_ms = self.start.endpoint_silence_ms or self.settings.stream_endpoint_silence_ms
+        return {"sample_rate": self.start.sample_rate, "encoding": self.start.encoding, "language": self.start.language,
+                "interim_results": self.start.interim_results, "endpoint_silence_ms": endpoint_ms}
+
+    def send(self, message: dict) -> None:
+        self.outbox.put_nowait(message)
+
+    def error(self, code: str, message: str) -> None:
+        self.send({"type": "error", "code": code, "message": message})
+
+    def emit(self, event: Event) -> None:
+        """Session events -> wire messages (and latency metrics)."""
+        if isinstance(event, Partial):
+            (self.metrics.first_partial_latency if event.first else self.metrics.partial_latency).observe(event.latency_s)
+            self.send({"type": "partial", "utterance": event.utterance, "text": event.text, "stable": event.stable,
+                       "start": event.start})
+        elif isinstance(event, Final):
+            self.metrics.final_latency.observe(event.latency_s)
+            self.send({"type": "final", "utterance": event.utterance, "text": event.text, "start": event.start,
+                       "end": event.end, "reason": event.reason,
+                       "segments": [{"start": s.start, "end": s.end, "text": s.text} for s in event.segments]})
+        elif isinstance(event, StreamError):
+            self.error(event.code, event.message)
+
+    def _open(self) -> StreamSession:
+        if self.session is None:
+            options = self.options()
+            self.pcm = PcmStream(options["encoding"], options["sample_rate"])
+            self.session = self.service.streams.open(
+                StreamOptions(language=options["language"], interim_results=options["interim_results"],
+                              endpoint_silence_s=options["endpoint_silence_ms"] / 1000), self.emit)
+        return self.session
+
+    async def run(self) -> None:
+        sender = asyncio.create_task(self._send_loop())
+        self.send({"type": "ready", "session_id": self.id, "model": self.service.model_name, **self.options()})
+        reason, code = "internal_error", CLOSE_INTERNAL
+        try:
+            reason, code = await self._receive_loop()
+        except asyncio.CancelledError:
+            reason, code = "server_shutdown", CLOSE_GOING_AWAY
+        except Exception:  # noqa: BLE001 - one broken session must not take the server down
+            log.exception("stream %s failed", self.id)
+            self.error("internal_error", "the server failed on this stream; the error is logged")
+        finally:
+            await self._finish(reason, code, sender)
+
+    async def _finish(self, reason: str, code: int | None, sender: asyncio.Task) -> None:
+        session = self.session
+        if session is not None:
+            if code is None:  # the client has gone: nothing more can reach it
+                session.abort()
+            else:
+                try:
+                    await asyncio.wait_for(session.close(), DRAIN_TIMEOUT_S)
+                except (TimeoutError, asyncio.CancelledError):
+                    session.abort()
+        self.metrics.stream_sessions.labels(reason).inc()
+        if code is not None:
+            self.send({"type": "closed", "reason": reason})
+        self.outbox.put_nowait(None)
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await sender
+        if code is not None and self.websocket.application_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await self.websocket.close(code)
+
+    async def _send_loop(self) -> None:
+        while (message := await self.outbox.get()) is not None:
+            try:
+                await self.websocket.send_text(json.dumps(message))
+            except Exception:  # noqa: BLE001 - the client has gone; the receive loop will see it
+                return
+
+    async def _receive_loop(self) -> tuple[str, int | None]:
+        settings = self.settings
+        deadline = time.monotonic() + settings.stream_max_session_s
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                message = await asyncio.wait_for(self.websocket.receive(), min(settings.stream_idle_timeout_s, max(left, 0)))
+            except TimeoutError:
+                if time.monotonic() >= deadline:
+                    self.error("session_too_long", f"streams last at most {settings.stream_max_session_s:g} s (ASR_STREAM_MAX_SESSION_S); open a new one")
+                    return "session_too_long", CLOSE_POLICY
+                self.error("idle_timeout", f"nothing received for {settings.stream_idle_timeout_s:g} s (ASR_STREAM_IDLE_TIMEOUT_S)")
+                return "idle_timeout", CLOSE_POLICY
+            if message["type"] == "websocket.disconnect":
+                return "client_gone", None
+            if message.get("bytes") is not None:
+                data = message["bytes"]
+                if len(data) > settings.stream_max_frame_bytes:
+                    self.error("frame_too_large", f"a frame of {len(data)} bytes is over the limit of {settings.stream_max_frame_bytes} (ASR_STREAM_MAX_FRAME_BYTES); send smaller frames")
+                    return "frame_too_large", CLOSE_TOO_BIG
+                await self._audio(data)
+            elif message.get("text") is not None and await self._control(message["text"]):
+                return "client_close", CLOSE_NORMAL
+
+    async def _audio(self, data: bytes) -> None:
+        session = self._open()
+        audio = self.pcm.decode(data)
+        if len(audio):
+            self.metrics.audio_seconds.labels("stream").inc(len(audio) / 16000)
+            await session.feed(audio)
+
+    async def _flush(self) -> StreamSession:
+        session = self._open()
+        tail = self.pcm.flush()
+        if len(tail):
+            await session.feed(tail)
+        return session
+
+    async def _control(self, text: str) -> bool:
+        """Handle a text message; True when the client asked to close."""
+        try:
+            message = json.loads(text)
+            kind = message["type"] if isinstance(message, dict) else None
+        except (ValueError, KeyError):
+            self.error("bad_message", 'text messages are JSON objects with a "type": start, finalize or close')
+            return False
+        if kind == "start":
+            if self.session is not None:
+                self.error("bad_message", "start must be the first message of the stream")
+                return False
+            try:
+                self.start = parse_start(message, self.service)
+            except BadOptions as exc:
+                self.error("bad_start", f"start message rejected, options unchanged: {exc}")
+                return False
+            self.send({"type": "started", **self.options()})
+        elif kind == "finalize":
+            (await self._flush()).finalize()
+        elif kind == "close":
+            await self._flush()
+            return True
+        else:
+            self.error("unknown_message", f"unknown message type {kind!r}; expected start, finalize or close")
+        return False
+
+
+async def _refuse(websocket: WebSocket, status: int, code: str, message: str, headers: dict | None = None) -> None:
+    """Refuse the handshake with an HTTP response and a JSON reason."""
+    await websocket.send_denial_response(JSONResponse(error_body(code, message), status, headers=headers))
+
+
+@router.websocket("/v1/stream")
+async def stream(websocket: WebSocket) -> None:
+    service: Service = websocket.app.state.service
+    if not service.ready:
+        await _refuse(websocket, 503, "loading", "the model is still loading; retry shortly", {"Retry-After": "5"})
+        return
+    if len(service.stream_connections) >= service.settings.stream_max_sessions:
+        service.metrics.rejected.labels("streams_full").inc()
+        await _refuse(websocket, 503, "server_busy", f"all {service.settings.stream_max_sessions} stream slots are taken (ASR_STREAM_MAX_SESSIONS); retry later", {"Retry-After": "5"})
+        return
+    try:
+        start = parse_start(dict(websocket.query_params), service)
+    except BadOptions as exc:
+        await _refuse(websocket, 400, "bad_options", f"stream options rejected: {exc}")
+        return
+    task = asyncio.current_task()
+    service.stream_connections.add(task)  # the slot is taken before the first await
+    try:
+        await websocket.accept()
+        await StreamConnection(websocket, service, start).run()
+    finally:
+        service.stream_connections.discard(task)

@@ -1,0 +1,397 @@
+"""A live stream's session: voice activity, interim steps with LocalAgreement-2, and finals.
+
+The session keeps the audio of the utterance in progress. Silero VAD marks speech; while speech goes
+on, every ``step_s`` of new audio the whole utterance so far is transcribed as real-time work, and the
+words on which two consecutive hypotheses agree are committed (LocalAgreement-2). A session never has
+more than one interim step in flight, so under load its step grows instead of a backlog building up.
+An utterance ends at an endpoint (``endpoint_silence_s`` of trailing silence), on ``finalize`` or
+``close``, or before it would pass ``max_utterance_s``, where it is cut at the end of the last segment
+whose words are all committed. Its final is transcribed once more on the whole utterance, ahead of all
+interim work. Finals go out in order, and their text is the next utterance's decoder prompt.
+
+Nothing here knows about WebSockets: the API feeds PCM in and receives :class:`Partial`,
+:class:`Final` and :class:`StreamError` events through ``emit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from workers.features import SAMPLE_RATE
+from workers.jobs import Segment
+from workers.pipeline import Overloaded, Pipeline, Transcript
+from workers.scheduler import Priority
+from workers.vad import CHUNK_SAMPLES, CONTEXT_SAMPLES, SileroVAD
+
+log = logging.getLogger(__name__)
+
+MIN_STEP_AUDIO_S = 0.5  # no interim step on less audio than this
+MIN_SPEECH_S = 0.25  # an utterance with less speech than this (a click, a breath) is not transcribed, as silero's own default
+PROMPT_WORDS = 100  # words of earlier finals given to the decoder as its prompt
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Server-wide streaming behaviour (from the settings)."""
+
+    step_s: float = 1.0
+    vad_threshold: float = 0.5
+    speech_pad_s: float = 0.2  # audio kept before the first and after the last speech chunk
+    max_utterance_s: float = 25.0
+    prompt_previous_text: bool = True
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """What one client asked for."""
+
+    language: str | None = None
+    interim_results: bool = True
+    endpoint_silence_s: float = 0.6
+
+
+@dataclass(frozen=True)
+class Partial:
+    utterance: int
+    text: str  # committed words, then the tentative tail
+    stable: str  # the committed words only
+    start: float  # stream seconds where the utterance starts
+    latency_s: float  # from the step's newest audio to this event
+    first: bool  # the utterance's first partial
+
+
+@dataclass(frozen=True)
+class Final:
+    utterance: int
+    text: str
+    start: float
+    end: float
+    reason: str  # endpoint | finalize | close | max_length
+    segments: list[Segment]
+    latency_s: float  # from the moment the utterance was known to be over to this event
+
+
+@dataclass(frozen=True)
+class StreamError:
+    code: str
+    message: str
+
+
+Event = Partial | Final | StreamError
+
+
+class VoiceActivity:
+    """Speech probability of each 32 ms chunk of one stream, the VAD state carried between frames."""
+
+    def __init__(self, model: SileroVAD):
+        self.model = model
+        self.state = SileroVAD.initial_state()
+        self.context = torch.zeros(CONTEXT_SAMPLES)
+        self.pending = np.zeros(0, dtype=np.float32)
+
+    def __call__(self, audio: np.ndarray) -> np.ndarray:
+        """Probabilities of the complete chunks in ``pending + audio``; the remainder waits."""
+        audio = np.concatenate([self.pending, audio])
+        complete = len(audio) // CHUNK_SAMPLES * CHUNK_SAMPLES
+        self.pending = audio[complete:]
+        if not complete:
+            return np.zeros(0, dtype=np.float32)
+        chunks = torch.from_numpy(audio[:complete])
+        probabilities, self.state = self.model(chunks, self.context, self.state)
+        self.context = chunks[-CONTEXT_SAMPLES:]
+        return probabilities.numpy()
+
+
+class StreamEngine:
+    """What every session shares: the pipeline, the VAD model and the thread that runs it."""
+
+    def __init__(self, pipeline: Pipeline, config: StreamConfig):
+        self.pipeline = pipeline
+        self.config = config
+        self.vad_model = SileroVAD.load()
+        # one thread: VAD costs 0.16 ms per 32 ms chunk, and must not take both cores from the model
+        self._vad_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad")
+        self.sessions: set[StreamSession] = set()
+
+    async def run_vad(self, vad: VoiceActivity, audio: np.ndarray) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(self._vad_executor, vad, audio)
+
+    def open(self, options: StreamOptions, emit: Callable[[Event], None]) -> StreamSession:
+        session = StreamSession(self, options, emit)
+        self.sessions.add(session)
+        return session
+
+    def close(self) -> None:
+        self._vad_executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _words_key(words: list[str]) -> list[str]:
+    return [re.sub(r"[^\w']", "", w.lower()) for w in words]
+
+
+def agreed_prefix(previous: list[str], current: list[str]) -> int:
+    """How many leading words two hypotheses share (case and punctuation ignored): LocalAgreement-2."""
+    n = 0
+    for a, b in zip(_words_key(previous), _words_key(current)):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class _Step:
+    """An interim transcription of the utterance from its start to ``end`` (stream samples)."""
+
+    utterance: int
+    start: int
+    end: int
+    task: asyncio.Task | None = None
+    transcript: Transcript | None = None  # once done
+
+
+class StreamSession:
+    def __init__(self, engine: StreamEngine, options: StreamOptions, emit: Callable[[Event], None]):
+        self.engine = engine
+        self.config = engine.config
+        self.options = options
+        self.emit = emit
+        self.vad = VoiceActivity(engine.vad_model)
+        self.received = 0  # samples received: the stream's clock
+        self.vad_position = 0  # stream sample where the VAD's next chunk starts
+        self.buffer = np.zeros(0, dtype=np.float32)
+        self.buffer_start = 0  # stream sample of buffer[0]
+        self.speaking = False
+        self.utterance = 0
+        self.utterance_start: int | None = None  # None: no speech since the last final
+        self.utterance_detected_at = 0.0
+        self.last_speech_end = 0
+        self.speech_samples = 0  # in the utterance in progress
+        self.hypothesis: list[str] = []
+        self.committed: list[str] = []
+        self.segments: list[Segment] = []  # of the last hypothesis, in stream seconds
+        self.first_partial_sent = False
+        self.previous_text: list[str] = []
+        self.step: _Step | None = None  # the one interim step in flight
+        self.last_step: _Step | None = None  # the utterance's latest finished step
+        self.finals: list[asyncio.Task] = []  # in utterance order; each emits after the one before
+        self.aborted = False
+
+    def _seconds(self, sample: int) -> float:
+        return round(sample / SAMPLE_RATE, 3)
+
+    def _audio(self, start: int, end: int) -> np.ndarray:
+        return self.buffer[start - self.buffer_start : end - self.buffer_start].copy()
+
+    async def feed(self, audio: np.ndarray) -> None:
+        """Take float32 16 kHz PCM; may start an interim step or end the utterance."""
+        self.buffer = np.concatenate([self.buffer, audio])
+        self.received += len(audio)
+        probabilities = await self.engine.run_vad(self.vad, audio)
+        config, pad = self.config, self._pad
+        for probability in probabilities:
+            start, end = self.vad_position, self.vad_position + CHUNK_SAMPLES
+            self.vad_position = end
+            if probability >= config.vad_threshold:
+                if self.utterance_start is None:
+                    self.utterance_start = max(self.buffer_start, start - pad)
+                    self.utterance_detected_at = time.monotonic()
+                self.speaking = True
+                self.last_speech_end = end
+                self.speech_samples += CHUNK_SAMPLES
+            elif probability < config.vad_threshold - 0.15:  # hysteresis, as silero's own iterator
+                self.speaking = False
+        if self.utterance_start is not None:
+            silence = (self.received - self.last_speech_end) / SAMPLE_RATE
+            if not self.speaking and silence >= self.options.endpoint_silence_s:
+                self._end_utterance(min(self.received, self.last_speech_end + pad), "endpoint")
+            elif (self.received - self.utterance_start) / SAMPLE_RATE >= config.max_utterance_s:
+                self._end_utterance(self._committed_boundary() or self.received, "max_length")
+        self._trim()
+        self._kick()
+
+    @property
+    def _pad(self) -> int:
+        return int(self.config.speech_pad_s * SAMPLE_RATE)
+
+    def finalize(self, reason: str = "finalize") -> None:
+        """End the utterance now; a final follows even when nothing was said (its text is empty)."""
+        if self.utterance_start is not None:
+            self._end_utterance(self.received, reason)
+        elif reason == "finalize":
+            self._submit_final(_Step(self.utterance, self.received, self.received), reason, None)
+
+    async def close(self) -> None:
+        """Finish: the last final, then return once every event is out."""
+        self.finalize("close")
+        while self.finals:
+            await asyncio.wait(self.finals)
+        if self.step is not None and self.step.task is not None:
+            self.step.task.cancel()
+        self.engine.sessions.discard(self)
+
+    def abort(self) -> None:
+        """The client has gone: drop everything now."""
+        self.aborted = True
+        for task in [*self.finals, *([self.step.task] if self.step and self.step.task else [])]:
+            task.cancel()
+        self.buffer = np.zeros(0, dtype=np.float32)
+        self.engine.sessions.discard(self)
+
+    def _end_utterance(self, end: int, reason: str) -> None:
+        start, step = self.utterance_start, None
+        if self.speech_samples < MIN_SPEECH_S * SAMPLE_RATE and reason != "max_length":
+            self._cancel_step()
+            self._reset_utterance(None)
+            if reason == "finalize":  # always answered
+                self._submit_final(_Step(self.utterance, end, end), reason, None)
+            return
+        # a step that already covers the utterance to its end is its final: no second transcription.
+        # (Not at a length cut, where the step has words past the cut.)
+        for candidate in (self.last_step, self.step):
+            if reason != "max_length" and candidate is not None and candidate.utterance == self.utterance and candidate.end >= end:
+                step = candidate
+                break
+        if step is None:
+            self._cancel_step()
+        self._submit_final(_Step(self.utterance, start, end), reason, step)
+        # a cut at max length leaves the speech after the cut to the next utterance
+        self._reset_utterance(end if reason == "max_length" else None)
+
+    def _cancel_step(self) -> None:
+        """Drop the interim step of the utterance in progress: its hypothesis is of audio that is over."""
+        if self.step is not None and self.step.utterance == self.utterance and self.step.task is not None:
+            self.step.task.cancel()
+
+    def _reset_utterance(self, start: int | None) -> None:
+        self.utterance_start, self.speech_samples = start, 0
+        self.hypothesis, self.committed, self.segments = [], [], []
+        self.first_partial_sent, self.last_step = False, None
+
+    def _submit_final(self, span: _Step, reason: str, covering: _Step | None) -> None:
+        audio = None if span.start == span.end else self._audio(span.start, span.end)
+        before = self.finals[-1] if self.finals else None
+        task = asyncio.create_task(self._run_final(span, reason, audio, covering, before, time.monotonic()))
+        self.finals.append(task)
+        task.add_done_callback(self.finals.remove)
+        self.utterance += 1
+
+    def _committed_boundary(self) -> int | None:
+        """The end of the last segment all of whose words are committed, if past the first second."""
+        boundary, words = None, 0
+        for segment in self.segments:
+            words += len(segment.text.split())
+            if words > len(self.committed):
+                break
+            boundary = int(segment.end * SAMPLE_RATE)
+        if boundary is None or boundary - self.utterance_start < SAMPLE_RATE or boundary > self.received:
+            return None
+        return boundary
+
+    def _trim(self) -> None:
+        """Keep the utterance in progress, or only the padding before speech may start."""
+        keep_from = self.utterance_start
+        if keep_from is None:
+            keep_from = max(self.buffer_start, self.received - self._pad)
+        if keep_from > self.buffer_start:
+            self.buffer = self.buffer[keep_from - self.buffer_start :]
+            self.buffer_start = keep_from
+
+    def _prompt(self) -> str | None:
+        if not self.config.prompt_previous_text or not self.previous_text:
+            return None
+        return " ".join(self.previous_text[-PROMPT_WORDS:])
+
+    def _kick(self) -> None:
+        """Start an interim step if one is due and none is in flight."""
+        if self.step is None and not self.aborted and self._step_due():
+            self.step = _Step(self.utterance, self.utterance_start, self.received)
+            self.step.task = asyncio.create_task(self._run_step(self.step))
+
+    def _step_due(self) -> bool:
+        if self.utterance_start is None or (self.received - self.utterance_start) / SAMPLE_RATE < MIN_STEP_AUDIO_S:
+            return False
+        covered = self.last_step.end if self.last_step is not None else self.utterance_start
+        if self.options.interim_results and (self.received - covered) / SAMPLE_RATE >= self.config.step_s:
+            return True
+        # the speech has paused long enough to pad it: transcribe it now, so that if the pause turns
+        # out to be an endpoint its final is (nearly) ready
+        return not self.speaking and self.received >= self.last_speech_end + self._pad > covered
+
+    async def _transcribe(self, audio: np.ndarray, priority: Priority) -> Transcript:
+        return await self.engine.pipeline.transcribe(
+            audio, priority=priority, language=self.options.language, prompt=self._prompt()
+        )
+
+    async def _run_step(self, step: _Step) -> Transcript | None:
+        submitted = time.monotonic()
+        try:
+            step.transcript = await self._transcribe(self._audio(step.start, step.end), Priority.REALTIME)
+        except Overloaded:
+            return None  # the next step covers this audio too
+        except Exception:  # noqa: BLE001 - an interim step that failed is skipped, the final will be tried
+            log.exception("interim step failed")
+            return None
+        finally:
+            self.step = None
+            self._kick()
+        if step.utterance == self.utterance:
+            self.last_step = step
+            self._hypothesis(step, submitted)
+        return step.transcript
+
+    def _hypothesis(self, step: _Step, submitted: float) -> None:
+        """LocalAgreement-2 over the new hypothesis, and a partial unless a final is still on its way."""
+        words = step.transcript.text.split()
+        agreed = agreed_prefix(self.hypothesis, words)
+        if agreed > len(self.committed):
+            self.committed = words[:agreed]
+        self.hypothesis = words
+        self.segments = [_shifted(s, step.start / SAMPLE_RATE) for s in step.transcript.segments]
+        if not self.options.interim_results or self.finals:
+            return
+        text = " ".join(self.committed + words[len(self.committed) :])
+        first = not self.first_partial_sent
+        self.first_partial_sent = True
+        latency = time.monotonic() - (self.utterance_detected_at if first else submitted)
+        self.emit(Partial(step.utterance, text, " ".join(self.committed), self._seconds(step.start), latency, first))
+
+    async def _run_final(self, span: _Step, reason: str, audio: np.ndarray | None, covering: _Step | None,
+                         before: asyncio.Task | None, requested_at: float) -> None:
+        try:
+            if covering is not None and covering.task is not None:
+                await asyncio.wait([covering.task])  # it already covers the utterance; None if it failed
+            transcript = covering.transcript if covering is not None else None
+            if transcript is None and audio is not None:
+                transcript = await self._transcribe(audio, Priority.FINAL)
+        except Exception as exc:  # noqa: BLE001 - the session goes on; the client learns this utterance is lost
+            log.exception("final of utterance %d failed", span.utterance)
+            if before is not None:
+                await asyncio.wait([before])
+            code = "overloaded" if isinstance(exc, Overloaded) else "final_failed"
+            self.emit(StreamError(code, f"utterance {span.utterance} could not be transcribed: {exc}"))
+            return
+        if before is not None:
+            await asyncio.wait([before])  # finals go out in utterance order
+        end_s = self._seconds(span.end)
+        shifted = [_shifted(s, span.start / SAMPLE_RATE) for s in transcript.segments] if transcript is not None else []
+        # a covering step heard a little past the utterance's end: nothing of it belongs here
+        segments = [replace(s, end=min(s.end, end_s)) for s in shifted if s.start < end_s]
+        text = " ".join(s.text for s in segments)
+        self.previous_text += text.split()
+        self.emit(Final(span.utterance, text, self._seconds(span.start), end_s, reason, segments,
+                        time.monotonic() - requested_at))
+
+
+def _shifted(segment: Segment, offset_s: float) -> Segment:
+    return replace(segment, start=round(segment.start + offset_s, 3), end=round(segment.end + offset_s, 3))
