@@ -32,6 +32,8 @@ class Metrics:
         self.request_latency = Histogram("asr_http_request_duration_seconds", "Time from request to response.", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.audio_seconds = Counter("asr_audio_processed_seconds", "Seconds of audio transcribed.", ["source"], registry=r)
         self.rejected = Counter("asr_rejected_requests", "Requests refused before any model work, by reason.", ["reason"], registry=r)
+        self.allocator_decisions = Counter("asr_allocator_decisions", "Allocator decisions by stage and action (grow, shrink, hold).", ["stage", "action"], registry=r)
+        self.webhook_failures = Counter("asr_webhook_failures", "Segments the post stage could not deliver to ASR_POST_WEBHOOK_URL.", registry=r)
         self.streams_active = Gauge("asr_streams_active", "Live streams now connected.", registry=r)
         self.stream_sessions_held = Gauge("asr_stream_sessions_held", "Stream sessions holding audio and state; equals asr_streams_active unless something leaks.", registry=r)
         self.stream_sessions = Counter("asr_stream_sessions", "Streams ended, by close reason.", ["reason"], registry=r)

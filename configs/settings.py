@@ -31,7 +31,27 @@ class Settings(BaseSettings):
     features_workers: int = Field(1, ge=1, description="Workers (threads) computing log-mel features.")
     acoustic_workers: int = Field(1, ge=1, description="Workers running the encoder; each runs one batch at a time.")
     decoder_workers: int = Field(1, ge=1, description="Workers running the decoder; each keeps its own running batch.")
-    post_workers: int = Field(1, ge=1, description="Workers turning tokens into text and segments.")
+    post_workers: int = Field(1, ge=1, description="Workers turning tokens into text and segments (and delivering them to ASR_POST_WEBHOOK_URL).")
+    cpu_stage_max_workers: int = Field(8, ge=1, description="Most workers the allocator may give the features or post stage.")
+    model_max_workers: int = Field(0, ge=0, description="Most workers the allocator may give the encoder or decoder stage; 0: 1 on CPU (one batch already keeps every core busy), 4 on CUDA.")
+
+    # the profiler and the allocator that resizes the pools
+    allocator_enabled: bool = Field(True, description="Resize the stage pools toward the bottleneck while the server runs.")
+    allocator_interval_s: float = Field(2.0, gt=0, description="How often the allocator looks at the profile and may act.")
+    allocator_cooldown_s: float = Field(6.0, ge=0, description="Least time between two changes to the same stage (keeps it from oscillating).")
+    allocator_cpu_slots: int = Field(0, ge=0, description="Workers the allocator may add on top of the configured pools across CPU stages; 0: one per core.")
+    allocator_gpu_slots: int = Field(4, ge=0, description="In-flight batches the allocator may add across GPU stages.")
+    allocator_idle_utilization: float = Field(0.2, ge=0, le=1, description="A grown stage busier than this is not idle.")
+    allocator_shrink_after_s: float = Field(10.0, ge=0, description="A grown stage idle this long gives a worker back (one per cooldown, down to its configured size).")
+    profiler_window_s: float = Field(15.0, gt=0, description="Rolling window of the stage profiler.")
+    pressure_weight_latency: float = Field(0.4, ge=0, description="Weight of latency (normalised to the slowest stage) in a stage's pressure.")
+    pressure_weight_utilization: float = Field(0.3, ge=0, description="Weight of utilization (busy time / wall time / workers) in a stage's pressure.")
+    pressure_weight_queue: float = Field(0.3, ge=0, description="Weight of queue depth (normalised to the deepest queue) in a stage's pressure.")
+    pressure_threshold: float = Field(0.6, ge=0, le=1, description="A stage is the bottleneck when its pressure is the highest and passes this.")
+
+    # delivery of results
+    post_webhook_url: str | None = Field(None, description="POST every transcribed segment (JSON) to this URL from the post stage; unset: no delivery.")
+    post_webhook_timeout_s: float = Field(5.0, gt=0, description="Longest one webhook delivery may take before it counts as failed.")
 
     # batching (DynamicBatchScheduler, one per stage)
     acoustic_max_batch_size: int = Field(0, ge=0, description="Windows per encoder batch; 0: 1 on CPU (the encoder gains nothing from batching there), 16 on CUDA.")

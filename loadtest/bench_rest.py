@@ -25,6 +25,7 @@ from pathlib import Path
 
 import httpx
 
+from loadtest.plotting import new_figure, save_figure
 from loadtest.evalset import DEFAULT_MANIFEST, EvalRow, load_rows, percentile, word_error_rate
 from loadtest.rest import RestLoadResult, positive_int, print_progress, run_rest_load
 
@@ -70,6 +71,8 @@ def log(message: str) -> None:
 
 def _port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # as uvicorn does: a port left in TIME_WAIT by the server just stopped is free to listen on
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
         except OSError:
@@ -77,7 +80,7 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def start_server(port: int) -> subprocess.Popen[bytes]:
+def start_server(port: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """Start `python -m app` on 127.0.0.1:port and wait until /readyz answers 200.
 
     The port must be free first: otherwise a server already listening there would pass the readiness
@@ -86,7 +89,7 @@ def start_server(port: int) -> subprocess.Popen[bytes]:
     """
     if not _port_is_free(port):
         raise RuntimeError(f"port {port} is in use: pass --port, or --url to benchmark that server")
-    env = {**os.environ, "ASR_HOST": "127.0.0.1", "ASR_PORT": str(port)}
+    env = {**os.environ, **(env or {}), "ASR_HOST": "127.0.0.1", "ASR_PORT": str(port)}
     proc = subprocess.Popen([sys.executable, "-m", "app"], env=env, stdout=sys.stderr)
     url = f"http://127.0.0.1:{port}"
     log(f"started server pid {proc.pid}; waiting for {url}/readyz")
@@ -196,16 +199,11 @@ def format_table(results: Sequence[SystemResult]) -> str:
 
 def save_plot(servers: Sequence[SystemResult], peers: Sequence[SystemResult], path: Path) -> None:
     """RTFx per round for both systems, and WER: the point is the speed at equal accuracy."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("matplotlib is missing; skipping the plot (pip install -e '.[bench]')")
+    figure = new_figure(ncols=2, figsize=(10, 4), gridspec_kw={"width_ratios": [2, 1]})
+    if figure is None:
         return
+    fig, (ax_rtfx, ax_wer) = figure
     rounds = range(1, len(servers) + 1)
-    fig, (ax_rtfx, ax_wer) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [2, 1]})
     width = 0.38
     ax_rtfx.bar([r - width / 2 for r in rounds], [s.rtfx for s in servers], width, label=servers[0].system.rsplit(" #", 1)[0])
     ax_rtfx.bar([r + width / 2 for r in rounds], [p.rtfx for p in peers], width, label=peers[0].system.rsplit(" #", 1)[0])
@@ -215,11 +213,7 @@ def save_plot(servers: Sequence[SystemResult], peers: Sequence[SystemResult], pa
     ax_rtfx.legend(loc="lower right")
     ax_wer.bar([r.system.rsplit(" #", 1)[0] for r in (servers[0], peers[0])], [100 * servers[0].wer, 100 * peers[0].wer], color=["tab:blue", "tab:orange"])
     ax_wer.set_ylabel("WER %, lower is better")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    log(f"plot saved to {path}")
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -113,7 +113,7 @@ def _error_text(response: httpx.Response) -> str:
         return response.text[:200] or response.reason_phrase
 
 
-async def _transcribe_one(client: httpx.AsyncClient, url: str, index: int, row: EvalRow) -> RequestRecord:
+async def transcribe_one(client: httpx.AsyncClient, url: str, index: int, row: EvalRow) -> RequestRecord:
     """Send one file; every failure becomes a record rather than an exception, so one bad request
     cannot end the run. Latency covers the HTTP exchange only, not reading the file from disk."""
     data = await asyncio.to_thread(row.audio.read_bytes)
@@ -163,7 +163,7 @@ async def run_rest_load(
     async def worker(client: httpx.AsyncClient) -> None:
         while not queue.empty():
             index, row = queue.get_nowait()
-            record = await _transcribe_one(client, url, index, row)
+            record = await transcribe_one(client, url, index, row)
             records.append(record)
             if progress is not None:
                 progress(len(records), len(rows), record)

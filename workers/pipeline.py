@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,11 +63,12 @@ def rms_dbfs(audio: np.ndarray) -> float:
 
 
 class Pipeline:
-    def __init__(self, runner: ModelRunner, settings: Settings, observer: StageObserver):
+    def __init__(self, runner: ModelRunner, settings: Settings, observer: StageObserver,
+                 deliver: Callable[[Job], Awaitable[None]] | None = None):
         self.runner = runner
         self.silence_dbfs = settings.silence_threshold_dbfs
         guards = Guards(settings.no_speech_threshold, settings.logprob_threshold, settings.compression_ratio_threshold)
-        self.stages: list[Stage] = build_stages(runner, PostProcessor(runner.tokenizer, guards), settings, observer)
+        self.stages: list[Stage] = build_stages(runner, PostProcessor(runner.tokenizer, guards), settings, observer, deliver)
 
     @property
     def entry(self) -> Stage:

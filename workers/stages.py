@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,27 +35,93 @@ class StageObserver(Protocol):
     def batch_failed(self, stage: str, jobs: list[Job], error: BaseException) -> None: ...
 
 
+class ObserverGroup:
+    """Several observers as one: the metrics and the profiler both watch the stages."""
+
+    def __init__(self, *observers: StageObserver):
+        self.observers = list(observers)
+
+    def batch_done(self, stage: str, size: int, busy_s: float) -> None:
+        for observer in self.observers:
+            observer.batch_done(stage, size, busy_s)
+
+    def jobs_done(self, stage: str, jobs: list[Job]) -> None:
+        for observer in self.observers:
+            observer.jobs_done(stage, jobs)
+
+    def batch_failed(self, stage: str, jobs: list[Job], error: BaseException) -> None:
+        for observer in self.observers:
+            observer.batch_failed(stage, jobs, error)
+
+
 class Stage:
-    def __init__(self, name: str, policy: BatchPolicy, workers: int,
-                 process: Callable[[list[Job]], None] | None, observer: StageObserver):
+    """A pool of asyncio workers in front of one scheduler. The pool can grow and shrink while work
+    flows: a new worker simply starts taking batches; a worker told to leave that is waiting for work
+    is cancelled at once (it holds nothing), one that is busy leaves after the batch in its hands."""
+
+    def __init__(self, name: str, policy: BatchPolicy, workers: int, max_workers: int,
+                 process: Callable[[list[Job]], None] | None, observer: StageObserver,
+                 after: Callable[[Job], Awaitable[None]] | None = None):
         self.name = name
         self.scheduler: DynamicBatchScheduler[Job] = DynamicBatchScheduler(policy)
-        self.workers = workers
+        self.min_workers, self.max_workers = workers, max(workers, max_workers)
         self.process = process
+        self.after = after  # awaited for each job once its batch is done (I/O such as a webhook)
         self.observer = observer
         self.next: Stage | None = None
         self.upstream: list[Stage] = []  # the stages before this one, whose work will arrive here
         self.busy_workers = 0
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"stage-{name}")
-        self._tasks: list[asyncio.Task] = []
+        # threads start on demand, so room for the largest pool costs nothing until it is used
+        self._executor = ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix=f"stage-{name}")
+        self._tasks: set[asyncio.Task] = set()
+        self._waiting: set[asyncio.Task] = set()  # workers waiting in the scheduler, holding no work
+        self._leaving = 0  # busy workers told to leave after their batch
+
+    @property
+    def workers(self) -> int:
+        return len(self._tasks) - self._leaving
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._work(), name=f"{self.name}-{i}") for i in range(self.workers)]
+        self.resize(self.min_workers)
+
+    def resize(self, workers: int) -> int:
+        """Grow or shrink the pool to ``workers`` (kept within min..max); returns the new size."""
+        workers = min(max(workers, self.min_workers), self.max_workers)
+        while self.workers < workers:
+            if self._leaving:
+                self._leaving -= 1
+            else:
+                task = asyncio.create_task(self._work(), name=f"{self.name}-worker")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        while self.workers > workers:
+            if self._waiting:
+                task = self._waiting.pop()
+                self._tasks.discard(task)
+                task.cancel()
+            else:
+                self._leaving += 1
+        return workers
+
+    def _should_leave(self) -> bool:
+        if self._leaving:
+            self._leaving -= 1
+            return True
+        return False
+
+    async def _wait_for_work(self, take: Callable[[], Awaitable[list[Job]]]) -> list[Job]:
+        task = asyncio.current_task()
+        self._waiting.add(task)
+        try:
+            return await take()
+        finally:
+            self._waiting.discard(task)
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def put(self, job: Job) -> None:
@@ -69,8 +135,9 @@ class Stage:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def _work(self) -> None:
-        while True:
-            batch = [job for job in await self.scheduler.next_batch(more_coming=self.more_coming) if not job.abandoned]
+        while not self._should_leave():
+            batch = await self._wait_for_work(lambda: self.scheduler.next_batch(more_coming=self.more_coming))
+            batch = [job for job in batch if not job.abandoned]
             if batch:
                 await self._run(batch)
 
@@ -81,6 +148,9 @@ class Stage:
         self.busy_workers += 1
         try:
             await self.run_blocking(self.process, batch)
+            if self.after is not None:  # part of the stage's work: the profiler must see its time
+                for job in batch:
+                    await self.after(job)
         except Exception as error:  # noqa: BLE001 - a failed batch fails its jobs, not the worker
             log.exception("stage %s: batch of %d failed", self.name, len(batch))
             self.observer.batch_failed(self.name, batch, error)
@@ -120,8 +190,8 @@ class DecoderStage(Stage):
     (tiny.en, 2 cores), and steps taken for one row at a time slow the encoder they share the cores with.
     """
 
-    def __init__(self, policy: BatchPolicy, workers: int, runner: ModelRunner, observer: StageObserver):
-        super().__init__("decoder", policy, workers, None, observer)
+    def __init__(self, policy: BatchPolicy, workers: int, max_workers: int, runner: ModelRunner, observer: StageObserver):
+        super().__init__("decoder", policy, workers, max_workers, None, observer)
         self.runner = runner
 
     async def _work(self) -> None:
@@ -130,8 +200,10 @@ class DecoderStage(Stage):
         while True:
             if decoder.running:
                 joining = self.scheduler.take_ready(capacity - decoder.running)
+            elif self._should_leave():  # only with an empty batch: its rows are finished first
+                return
             else:
-                joining = await self.scheduler.next_batch(more_coming=self.more_coming)
+                joining = await self._wait_for_work(lambda: self.scheduler.next_batch(more_coming=self.more_coming))
             joining = [job for job in joining if not job.abandoned]
             for job in joining:
                 job.mark(self.name, "started")
@@ -166,9 +238,13 @@ class DecoderStage(Stage):
         return [row.owner for row in finished]
 
 
-def build_stages(runner: ModelRunner, post: PostProcessor, settings, observer: StageObserver) -> list[Stage]:
-    """features -> acoustic -> decoder -> post, with each stage's batching policy from the settings."""
+def build_stages(runner: ModelRunner, post: PostProcessor, settings, observer: StageObserver,
+                 deliver: Callable[[Job], Awaitable[None]] | None = None) -> list[Stage]:
+    """features -> acoustic -> decoder -> post, with each stage's batching policy and pool bounds from
+    the settings; ``deliver`` (e.g. a webhook) is awaited for each window once it is post-processed."""
     on_gpu = runner.device.type == "cuda"
+    # on the CPU one encoder or decoder batch already keeps every core busy: a second worker only competes
+    model_max = settings.model_max_workers or (4 if on_gpu else 1)
     capacity = settings.queue_capacity
     acoustic_batch = settings.acoustic_max_batch_size or (16 if on_gpu else 1)
     decoder_batch = settings.decoder_max_batch_size or (64 if on_gpu else 16)
@@ -188,12 +264,14 @@ def build_stages(runner: ModelRunner, post: PostProcessor, settings, observer: S
             job.encoded = None
 
     stages = [
-        Stage("features", BatchPolicy(1, 0.0, capacity), settings.features_workers, features, observer),
+        Stage("features", BatchPolicy(1, 0.0, capacity), settings.features_workers, settings.cpu_stage_max_workers,
+              features, observer),
         Stage("acoustic", BatchPolicy(acoustic_batch, settings.acoustic_max_wait_ms, max(capacity, acoustic_batch)),
-              settings.acoustic_workers, acoustic, observer),
+              settings.acoustic_workers, model_max, acoustic, observer),
         DecoderStage(BatchPolicy(decoder_batch, settings.decoder_max_wait_ms, max(capacity, decoder_batch)),
-                     settings.decoder_workers, runner, observer),
-        Stage("post", BatchPolicy(1, 0.0, capacity), settings.post_workers, postprocess, observer),
+                     settings.decoder_workers, model_max, runner, observer),
+        Stage("post", BatchPolicy(1, 0.0, capacity), settings.post_workers, settings.cpu_stage_max_workers,
+              postprocess, observer, after=deliver),
     ]
     for i, stage in enumerate(stages):
         stage.upstream = stages[:i]
