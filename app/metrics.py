@@ -5,7 +5,11 @@ Each app has its own registry, so several apps (tests) can live in one process.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from allocator.profiler import Profile
 
 from workers.jobs import Job
 from workers.stages import Stage
@@ -32,6 +36,8 @@ class Metrics:
         self.request_latency = Histogram("asr_http_request_duration_seconds", "Time from request to response.", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.audio_seconds = Counter("asr_audio_processed_seconds", "Seconds of audio transcribed.", ["source"], registry=r)
         self.rejected = Counter("asr_rejected_requests", "Requests refused before any model work, by reason.", ["reason"], registry=r)
+        self.utilization = Gauge("asr_stage_utilization_ratio", "Busy time / wall time / workers over the profiler's window.", ["stage"], registry=r)
+        self.pressure = Gauge("asr_stage_pressure", "The profiler's pressure score (the bottleneck has the highest).", ["stage"], registry=r)
         self.allocator_decisions = Counter("asr_allocator_decisions", "Allocator decisions by stage and action (grow, shrink, hold).", ["stage", "action"], registry=r)
         self.webhook_failures = Counter("asr_webhook_failures", "Segments the post stage could not deliver to ASR_POST_WEBHOOK_URL.", registry=r)
         self.streams_active = Gauge("asr_streams_active", "Live streams now connected.", registry=r)
@@ -40,6 +46,15 @@ class Metrics:
         self.first_partial_latency = Histogram("asr_stream_first_partial_latency_seconds", "From an utterance's first speech to its first partial.", buckets=LATENCY_BUCKETS, registry=r)
         self.partial_latency = Histogram("asr_stream_partial_latency_seconds", "From an interim step's newest audio to its partial.", buckets=LATENCY_BUCKETS, registry=r)
         self.final_latency = Histogram("asr_stream_final_latency_seconds", "From the end of an utterance (endpoint, finalize, close) to its final.", buckets=LATENCY_BUCKETS, registry=r)
+
+    def watch_profile(self, profile: Callable[[], Profile]) -> None:
+        """Utilization and pressure, read from the profiler at scrape time."""
+        def stat(stage: str, field: str) -> Callable[[], float]:
+            return lambda: next(getattr(s, field) for s in profile().stages if s.name == stage)
+
+        for stage in (s.name for s in profile().stages):
+            self.utilization.labels(stage).set_function(stat(stage, "utilization"))
+            self.pressure.labels(stage).set_function(stat(stage, "pressure"))
 
     def watch_streams(self, connections: set, sessions: set) -> None:
         self.streams_active.set_function(lambda: len(connections))

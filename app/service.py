@@ -70,6 +70,7 @@ class Service:
             on_decision=lambda d: self.metrics.allocator_decisions.labels(d.stage, d.action).inc(),
             enabled=settings.allocator_enabled)
         self.metrics.watch(pipeline.stages)
+        self.metrics.watch_profile(self.profiler.profile)
         pipeline.start()
         self._allocator_task = asyncio.create_task(self.allocator.run(), name="allocator")
         self.streams = await asyncio.to_thread(StreamEngine, pipeline, StreamConfig(

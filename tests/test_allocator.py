@@ -129,6 +129,7 @@ def test_pipeline_view_and_allocator_metrics(server: Server) -> None:
     assert set(view["budgets"]) == {"cpu", "gpu"} and view["allocator"]["enabled"] is True
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert {"asr_allocator_decisions", "asr_stage_workers", "asr_stage_queue_depth", "asr_stage_latency_seconds",
-            "asr_stage_batch_size", "asr_streams_active", "asr_webhook_failures"} <= set(families)
+            "asr_stage_batch_size", "asr_stage_utilization_ratio", "asr_stage_pressure", "asr_streams_active",
+            "asr_webhook_failures"} <= set(families)
     workers = {s.labels["stage"]: s.value for s in families["asr_stage_workers"].samples}
     assert workers == {s["name"]: s["workers"] for s in view["stages"]}
