@@ -9,7 +9,9 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
 
+from app.auth import ApiKeyAuth
 from app.errors import install_error_handlers
 from app.limits import Admission, BodySizeLimit
 from app.routes import ops, stream, transcribe
@@ -17,6 +19,10 @@ from app.service import Service
 from configs import Settings
 
 log = logging.getLogger(__name__)
+
+
+def _csv(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -42,6 +48,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Admission, backlog=service.backlog, max_waiting=settings.admission_max_waiting,
                        max_age_s=settings.admission_max_age_s,
                        on_refuse=lambda reason: service.metrics.rejected.labels(reason).inc())
+    if settings.api_keys:  # nothing past this runs for a caller without a key
+        app.add_middleware(ApiKeyAuth, keys=_csv(settings.api_keys), open_paths=_csv(settings.auth_open_paths))
+    if settings.cors_origins:  # outside the keys: a browser's preflight carries none
+        app.add_middleware(CORSMiddleware, allow_origins=_csv(settings.cors_origins), allow_methods=["*"], allow_headers=["*"])
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next) -> Response:

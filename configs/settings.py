@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     silence_threshold_dbfs: float = Field(-60.0, le=0, description="A window quieter than this (RMS, dB full scale) is silence: it is not decoded and gives no text.")
     compression_ratio_threshold: float = Field(2.4, gt=1, description="Text that gzip compresses better than this is a repetition loop and is cut back.")
 
+    # who may call
+    api_keys: str | None = Field(None, description="Comma-separated API keys; unset: no authentication. Clients send 'Authorization: Bearer KEY' (WebSockets may use ?api_key=KEY).")
+    auth_open_paths: str = Field("/healthz,/readyz,/metrics", description="Comma-separated paths that need no key even when ASR_API_KEYS is set.")
+    cors_origins: str | None = Field(None, description="Comma-separated origins browsers may call from ('*' for any); unset: no CORS headers, so browsers on other origins are refused.")
+
     # live streams over /v1/stream
     stream_max_sessions: int = Field(16, ge=1, description="Most concurrent streams; past it the handshake is refused with 503.")
     stream_idle_timeout_s: float = Field(30.0, gt=0, description="A stream that sends nothing for this long is closed (error idle_timeout, close code 1008).")

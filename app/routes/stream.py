@@ -229,7 +229,8 @@ async def stream(websocket: WebSocket) -> None:
         await _refuse(websocket, 503, "server_busy", f"all {service.settings.stream_max_sessions} stream slots are taken (ASR_STREAM_MAX_SESSIONS); retry later", {"Retry-After": "5"})
         return
     try:
-        start = parse_start(dict(websocket.query_params), service)
+        # api_key is the authentication middleware's business, not a stream option
+        start = parse_start({k: v for k, v in websocket.query_params.items() if k != "api_key"}, service)
     except BadOptions as exc:
         await _refuse(websocket, 400, "bad_options", f"stream options rejected: {exc}")
         return
