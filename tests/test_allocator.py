@@ -69,6 +69,29 @@ def test_pools_resize_under_load_and_lose_or_repeat_nothing() -> None:
     assert workers_left == 1  # the workers told to leave have left
 
 
+def test_a_fault_in_one_batch_fails_only_its_jobs_and_the_worker_goes_on() -> None:
+    def compute(jobs: list[Job]) -> None:
+        if any(job.offset_s < 0 for job in jobs):  # the injected fault
+            raise RuntimeError("injected fault")
+        for job in jobs:
+            job.result = float(np.sum(job.audio))
+
+    async def main():
+        stage = Stage("post", BatchPolicy(1, 0, 100), 2, 2, compute, Quiet())
+        stage.start()
+        jobs = [Job(audio=np.ones(16, np.float32), offset_s=-1.0 if i == 5 else 0.0, priority=Priority.BULK) for i in range(20)]
+        for job in jobs:
+            await stage.put(job)
+        outcomes = await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
+        await stage.stop()
+        return outcomes
+
+    outcomes = asyncio.run(main())
+    failed = [i for i, o in enumerate(outcomes) if isinstance(o, BaseException)]
+    assert failed == [5] and "post stage failed on this request's batch: RuntimeError" in str(outcomes[5])
+    assert all(o == 16.0 for i, o in enumerate(outcomes) if i != 5)  # before and after the fault, on the same workers
+
+
 def test_allocator_grows_the_io_bound_stage_then_gives_back() -> None:
     async def main():
         profiler_box: list[StageProfiler] = []

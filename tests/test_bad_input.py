@@ -107,6 +107,18 @@ def test_nan_and_clipped_audio_are_handled(client: httpx.Client) -> None:
     assert client.post("/v1/transcribe", content=out.getvalue()).status_code == 200
 
 
+@pytest.mark.parametrize("distort", ["dc_offset", "clipped"])
+def test_speech_with_dc_offset_or_hard_clipping_is_still_transcribed(client: httpx.Client, distort: str) -> None:
+    from app.audio import decode_audio
+
+    speech = decode_audio(JFK.read_bytes(), 60)
+    speech = speech + 0.4 if distort == "dc_offset" else np.clip(speech * 30, -1, 1)  # clipped: square-ish waves
+    r = client.post("/v1/transcribe", content=wav_bytes(speech))
+    assert r.status_code == 200
+    words = set(normalize(r.json()["text"]).split())
+    assert len(words & set(JFK_TEXT.split())) >= 8, r.json()["text"]
+
+
 def test_limits(limited_server: Server) -> None:
     with httpx.Client(base_url=limited_server.url, timeout=120) as c:
         big = JFK.read_bytes() * 2  # 2.3 MB, over the 2 MB limit
