@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import httpx
+import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest.evalset import load_rows, normalize, word_error_rate
-from tests.conftest import EVAL, JFK, JFK_TEXT
+from tests.conftest import EVAL, JFK, JFK_TEXT, Server
 
 
 def test_health_and_readiness(client: httpx.Client) -> None:
@@ -98,3 +101,25 @@ def test_metrics_parse(client: httpx.Client) -> None:
     assert all(count[stage] > 0 for stage in stages)
     requests = [s for s in families["asr_http_requests"].samples if s.name.endswith("_total")]
     assert any(s.labels == {"endpoint": "/v1/transcribe", "status": "200"} and s.value > 0 for s in requests)
+
+
+def test_windows_of_a_client_that_has_gone_are_dropped(server: Server) -> None:
+    from app.audio import decode_audio
+
+    from tests.test_bad_input import wav_bytes
+
+    long_audio = np.tile(decode_audio(JFK.read_bytes(), 60), 60)  # 11 minutes: 24 windows or more
+
+    def acoustic_windows() -> float:
+        text = httpx.get(f"{server.url}/metrics", timeout=10).text
+        return next((s.value for f in text_string_to_metric_families(text) for s in f.samples
+                     if s.name == "asr_stage_batch_size_sum" and s.labels == {"stage": "acoustic"}), 0.0)
+
+    before = acoustic_windows()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/transcribe", content=wav_bytes(long_audio), timeout=httpx.Timeout(60, read=1.5))
+    time.sleep(8)  # time to encode all 24 windows (0.3-0.5 s each) had they stayed queued
+    encoded = acoustic_windows() - before
+    assert encoded <= 6, encoded
+    with httpx.Client(base_url=server.url, timeout=60) as client:  # and the server serves the next one as usual
+        assert "country" in client.post("/v1/transcribe", files={"file": ("jfk.flac", JFK.read_bytes())}).json()["text"]

@@ -35,10 +35,27 @@ def _check_language(service: Service, language: str | None) -> str:
     return language
 
 
-async def _transcribe(service: Service, data: bytes, language: str, prompt: str | None) -> Transcript:
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects: with the body read, the next ASGI message is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _transcribe(request: Request, service: Service, data: bytes, language: str, prompt: str | None) -> Transcript:
     audio = await asyncio.to_thread(decode_audio, data, service.settings.max_audio_s)
+    work = asyncio.ensure_future(service.pipeline.transcribe(audio, priority=Priority.BULK, language=language, prompt=prompt))
+    gone = asyncio.ensure_future(_client_gone(request))
     try:
-        transcript = await service.pipeline.transcribe(audio, priority=Priority.BULK, language=language, prompt=prompt)
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not work.done():  # the client has gone (or we are cancelled): its windows still queued are dropped
+            work.cancel()
+    if not work.done() or work.cancelled():
+        service.metrics.rejected.labels("client_gone").inc()
+        raise APIError(499, "client_closed_request", "the client disconnected before the transcript was ready")
+    try:
+        transcript = work.result()
     except Overloaded as exc:
         service.metrics.rejected.labels("queue_full").inc()
         raise APIError(429, "overloaded", f"the service is at capacity ({exc}); retry after a few seconds", {"Retry-After": "2"}) from exc
@@ -71,7 +88,7 @@ async def transcribe(
         data = await upload.read()
     else:
         data = await request.body()
-    transcript = await _transcribe(service, data, language, prompt)
+    transcript = await _transcribe(request, service, data, language, prompt)
     return JSONResponse(service_json(transcript, service.model_name, language))
 
 
@@ -94,7 +111,7 @@ async def openai_transcriptions(
     if set(timestamp_granularities or []) - {"segment"}:
         raise APIError(400, "unsupported_granularity", "only timestamp_granularities[]=segment is served")
     language = _check_language(service, language)
-    transcript = await _transcribe(service, await file.read(), language, prompt)
+    transcript = await _transcribe(request, service, await file.read(), language, prompt)
     if response_format is ResponseFormat.text:
         return PlainTextResponse(transcript.text)
     if response_format is ResponseFormat.srt:
