@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from allocator.profiler import Profile
 
@@ -36,8 +38,6 @@ class Metrics:
         self.request_latency = Histogram("asr_http_request_duration_seconds", "Time from request to response.", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.audio_seconds = Counter("asr_audio_processed_seconds", "Seconds of audio transcribed.", ["source"], registry=r)
         self.rejected = Counter("asr_rejected_requests", "Requests refused before any model work, by reason.", ["reason"], registry=r)
-        self.utilization = Gauge("asr_stage_utilization_ratio", "Busy time / wall time / workers over the profiler's window.", ["stage"], registry=r)
-        self.pressure = Gauge("asr_stage_pressure", "The profiler's pressure score (the bottleneck has the highest).", ["stage"], registry=r)
         self.allocator_decisions = Counter("asr_allocator_decisions", "Allocator decisions by stage and action (grow, shrink, hold).", ["stage", "action"], registry=r)
         self.webhook_failures = Counter("asr_webhook_failures", "Segments the post stage could not deliver to ASR_POST_WEBHOOK_URL.", registry=r)
         self.streams_active = Gauge("asr_streams_active", "Live streams now connected.", registry=r)
@@ -48,13 +48,8 @@ class Metrics:
         self.final_latency = Histogram("asr_stream_final_latency_seconds", "From the end of an utterance (endpoint, finalize, close) to its final.", buckets=LATENCY_BUCKETS, registry=r)
 
     def watch_profile(self, profile: Callable[[], Profile]) -> None:
-        """Utilization and pressure, read from the profiler at scrape time."""
-        def stat(stage: str, field: str) -> Callable[[], float]:
-            return lambda: next(getattr(s, field) for s in profile().stages if s.name == stage)
-
-        for stage in (s.name for s in profile().stages):
-            self.utilization.labels(stage).set_function(stat(stage, "utilization"))
-            self.pressure.labels(stage).set_function(stat(stage, "pressure"))
+        """Utilization and pressure, from one profile computed per scrape."""
+        self.registry.register(_ProfileCollector(profile))
 
     def watch_streams(self, connections: set, sessions: set) -> None:
         self.streams_active.set_function(lambda: len(connections))
@@ -83,3 +78,17 @@ class Metrics:
 
     def batch_failed(self, stage: str, jobs: list[Job], error: BaseException) -> None:
         self.failures.labels(stage).inc(len(jobs))
+
+
+class _ProfileCollector(Collector):
+    def __init__(self, profile: Callable[[], Profile]):
+        self.profile = profile
+
+    def collect(self):
+        utilization = GaugeMetricFamily("asr_stage_utilization_ratio", "Busy time / wall time / workers over the profiler's window.", labels=["stage"])
+        pressure = GaugeMetricFamily("asr_stage_pressure", "The profiler's pressure score (the bottleneck has the highest).", labels=["stage"])
+        for stage in self.profile().stages:
+            utilization.add_metric([stage.name], stage.utilization)
+            pressure.add_metric([stage.name], stage.pressure)
+        yield utilization
+        yield pressure

@@ -156,7 +156,6 @@ class DecoderCache:
         self.cross = [(new(rows, n_head, d // n_head, audio_ctx), new(rows, n_head, audio_ctx, d // n_head))
                       for _ in range(n_layer)]
         self.lengths = torch.zeros(rows, dtype=torch.long, device=weight.device)
-        self.live = 0
 
     @property
     def capacity(self) -> tuple[int, int]:
@@ -202,8 +201,6 @@ class DecoderState:
     values: list[Tensor]
     cross: list[tuple[Tensor, Tensor]]
     lengths: Tensor
-
-
 
 
 class TextDecoder(nn.Module):
