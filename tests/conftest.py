@@ -20,6 +20,14 @@ JFK = EVAL / "audio" / "faster_whisper_tests" / "jfk.flac"
 JFK_TEXT = "and so my fellow americans ask not what your country can do for you ask what you can do for your country"
 
 
+class Quiet:
+    """A StageObserver that ignores everything, for stages tested without the service around them."""
+
+    def batch_done(self, stage, size, busy_s): ...
+    def jobs_done(self, stage, jobs): ...
+    def batch_failed(self, stage, jobs, error): ...
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,16 +12,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from allocator.greedy import AllocatorPolicy, GreedyAllocator
 from allocator.profiler import PressureWeights, StageProfiler
-from tests.conftest import JFK, Server
+from tests.conftest import JFK, Quiet, Server
 from workers.jobs import Job
 from workers.scheduler import BatchPolicy, Priority
 from workers.stages import Stage
-
-
-class Quiet:
-    def batch_done(self, stage, size, busy_s): ...
-    def jobs_done(self, stage, jobs): ...
-    def batch_failed(self, stage, jobs, error): ...
 
 
 def two_stages(observer, hook_s: float) -> list[Stage]:
@@ -67,29 +61,6 @@ def test_pools_resize_under_load_and_lose_or_repeat_nothing() -> None:
     assert distinct_sizes >= 3
     assert len(finished) == 400 and set(finished.values()) == {1}  # every job done, none twice
     assert workers_left == 1  # the workers told to leave have left
-
-
-def test_a_fault_in_one_batch_fails_only_its_jobs_and_the_worker_goes_on() -> None:
-    def compute(jobs: list[Job]) -> None:
-        if any(job.offset_s < 0 for job in jobs):  # the injected fault
-            raise RuntimeError("injected fault")
-        for job in jobs:
-            job.result = float(np.sum(job.audio))
-
-    async def main():
-        stage = Stage("post", BatchPolicy(1, 0, 100), 2, 2, compute, Quiet())
-        stage.start()
-        jobs = [Job(audio=np.ones(16, np.float32), offset_s=-1.0 if i == 5 else 0.0, priority=Priority.BULK) for i in range(20)]
-        for job in jobs:
-            await stage.put(job)
-        outcomes = await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
-        await stage.stop()
-        return outcomes
-
-    outcomes = asyncio.run(main())
-    failed = [i for i, o in enumerate(outcomes) if isinstance(o, BaseException)]
-    assert failed == [5] and "post stage failed on this request's batch: RuntimeError" in str(outcomes[5])
-    assert all(o == 16.0 for i, o in enumerate(outcomes) if i != 5)  # before and after the fault, on the same workers
 
 
 def test_allocator_grows_the_io_bound_stage_then_gives_back() -> None:

@@ -73,6 +73,35 @@ def test_realtime_goes_first() -> None:
     assert run(main()) == (["live", "bulk1"], ["bulk2"])
 
 
+def test_bulk_keeps_its_share_under_steady_live_load() -> None:
+    """Live work goes first, but with a bulk share of 0.25 every fourth item taken is bulk while bulk waits."""
+
+    async def main():
+        s = DynamicBatchScheduler(BatchPolicy(max_batch_size=1, max_wait_ms=0, capacity=100, bulk_share=0.25))
+        for i in range(3):
+            await s.put(f"bulk{i}", Priority.BULK)
+        taken = []
+        for i in range(16):  # the live queue never runs dry
+            await s.put(f"live{i}", Priority.REALTIME)
+            taken += await s.next_batch()
+        return taken
+
+    taken = run(main())
+    assert [i for i, item in enumerate(taken) if item.startswith("bulk")] == [3, 7, 11]
+    assert taken[:3] == ["live0", "live1", "live2"]
+
+
+def test_no_bulk_share_means_strict_priority() -> None:
+    async def main():
+        s = DynamicBatchScheduler(BatchPolicy(max_batch_size=4, max_wait_ms=0, capacity=100))
+        await s.put("bulk", Priority.BULK)
+        for i in range(8):
+            await s.put(f"live{i}", Priority.REALTIME)
+        return await s.next_batch(), await s.next_batch(), await s.next_batch()
+
+    assert run(main()) == (["live0", "live1", "live2", "live3"], ["live4", "live5", "live6", "live7"], ["bulk"])
+
+
 def test_bounded_queue() -> None:
     async def main():
         s = DynamicBatchScheduler(BatchPolicy(max_batch_size=1, max_wait_ms=0, capacity=2))
@@ -95,3 +124,5 @@ def test_policy_validation() -> None:
         BatchPolicy(max_batch_size=0, max_wait_ms=1, capacity=1)
     with pytest.raises(ValueError, match="capacity"):
         BatchPolicy(max_batch_size=8, max_wait_ms=1, capacity=4)
+    with pytest.raises(ValueError, match="bulk_share"):
+        BatchPolicy(max_batch_size=1, max_wait_ms=1, capacity=4, bulk_share=1.5)

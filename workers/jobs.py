@@ -41,7 +41,7 @@ class WindowResult:
     covered_s: float
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself, not its contents (its audio is an array)
 class Job:
     audio: np.ndarray  # float32 PCM at 16 kHz, at most 30 s
     offset_s: float  # where this window starts in the request's audio

@@ -3,7 +3,8 @@
 A batch closes when it reaches the target size, when its oldest item has waited ``max_wait_ms``, or
 as soon as the caller says nothing more is on its way, whichever comes first: a real deadline, not a
 polling interval. Live-stream work is served before bulk work (REST files), and the end of an
-utterance before a stream's interim steps. The queue is bounded: ``put`` waits for room
+utterance before a stream's interim steps, except that ``bulk_share`` of the items taken go to bulk
+work whenever some waits: a steady stream load cannot starve a REST request forever. The queue is bounded: ``put`` waits for room
 (back-pressure on the stage before), ``offer`` refuses at once (admission at the edge).
 """
 
@@ -35,6 +36,7 @@ class BatchPolicy:
     max_batch_size: int  # a batch closes as soon as it has this many items
     max_wait_ms: float  # ... or once its oldest item has waited this long
     capacity: int  # most items waiting; beyond it put() waits and offer() refuses
+    bulk_share: float = 0.0  # least share of the items taken that go to waiting bulk work
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -43,6 +45,8 @@ class BatchPolicy:
             raise ValueError(f"max_wait_ms must be 0 or more, got {self.max_wait_ms}")
         if self.capacity < self.max_batch_size:
             raise ValueError(f"capacity ({self.capacity}) must hold at least one batch ({self.max_batch_size})")
+        if not 0 <= self.bulk_share <= 1:
+            raise ValueError(f"bulk_share must be between 0 and 1, got {self.bulk_share}")
 
 
 @dataclass
@@ -56,6 +60,9 @@ class DynamicBatchScheduler(Generic[T]):
         self.policy = policy
         self._queues: dict[Priority, deque[_Entry[T]]] = {p: deque() for p in Priority}
         self._changed = asyncio.Condition()
+        # earned by every item taken, spent by a bulk item taken ahead of live work; capped at one so an
+        # idle bulk queue cannot bank a burst for later
+        self._bulk_credit = 0.0
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._queues.values())
@@ -79,6 +86,11 @@ class DynamicBatchScheduler(Generic[T]):
         if not self.has_room():
             raise QueueFull(f"{len(self)} items waiting, capacity {self.policy.capacity}")
         self._queues[priority].append(_Entry(item))
+        self._wake()
+
+    def requeue(self, item: T, priority: Priority) -> None:
+        """Put an item that was taken back at the head of its queue, room or not: it was admitted once."""
+        self._queues[priority].appendleft(_Entry(item))
         self._wake()
 
     def _wake(self) -> None:
@@ -126,8 +138,12 @@ class DynamicBatchScheduler(Generic[T]):
 
     def _take(self, limit: int) -> list[T]:
         batch: list[T] = []
-        for priority in Priority:
-            queue = self._queues[priority]
-            while queue and len(batch) < limit:
-                batch.append(queue.popleft().item)
+        bulk = self._queues[Priority.BULK]
+        while len(batch) < limit and len(self):
+            self._bulk_credit = min(1.0, self._bulk_credit + self.policy.bulk_share)
+            if bulk and self._bulk_credit >= 1.0:
+                self._bulk_credit -= 1.0
+                batch.append(bulk.popleft().item)
+            else:
+                batch.append(next(q for q in self._queues.values() if q).popleft().item)
         return batch

@@ -2,7 +2,8 @@
 
 A worker takes a batch from its scheduler, runs the blocking compute in the stage's executor (never on
 the event loop), and hands each job to the next stage's scheduler, waiting while that queue is full.
-A failure fails only the jobs of that batch; the worker carries on.
+A failure fails only the jobs of that batch; the worker carries on. A batch that runs out of GPU memory
+is split in two and each half retried, down to single jobs.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ class Stage:
         started = time.monotonic()
         self.busy_workers += 1
         try:
-            await self.run_blocking(self.process, batch)
+            await self._compute(batch)
             if self.after is not None:  # part of the stage's work: the profiler must see its time
                 for job in batch:
                     await self.after(job)
@@ -162,6 +163,19 @@ class Stage:
         self.observer.batch_done(self.name, len(batch), time.monotonic() - started)
         await self._hand_on(batch)
 
+    async def _compute(self, batch: list[Job]) -> None:
+        try:
+            await self.run_blocking(self.process, batch)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            free_cached_memory()
+            half = len(batch) // 2
+            log.warning("stage %s: out of memory on a batch of %d; retrying as %d + %d", self.name, len(batch), half,
+                        len(batch) - half)
+            await self._compute(batch[:half])
+            await self._compute(batch[half:])
+
     async def _hand_on(self, jobs: list[Job]) -> None:
         for job in jobs:
             job.mark(self.name, "finished")
@@ -171,6 +185,12 @@ class Stage:
                 job.finish(job.result)
             else:
                 await self.next.put(job)
+
+
+def free_cached_memory() -> None:
+    """After an out-of-memory error: hand the allocator's cached blocks back before the retry."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class StageError(RuntimeError):
@@ -196,14 +216,14 @@ class DecoderStage(Stage):
 
     async def _work(self) -> None:
         decoder = self.runner.new_decoder()
-        capacity = self.scheduler.policy.max_batch_size
+        full = capacity = self.scheduler.policy.max_batch_size
         while True:
             if decoder.running:
                 joining = self.scheduler.take_ready(capacity - decoder.running)
             elif self._should_leave():  # only with an empty batch: its rows are finished first
                 return
             else:
-                joining = await self._wait_for_work(lambda: self.scheduler.next_batch(more_coming=self.more_coming))
+                joining = await self._wait_for_work(lambda: self.scheduler.next_batch(capacity, self.more_coming))
             joining = [job for job in joining if not job.abandoned]
             for job in joining:
                 job.mark(self.name, "started")
@@ -211,17 +231,28 @@ class DecoderStage(Stage):
             self.busy_workers += 1
             try:
                 finished = await self.run_blocking(self._advance, decoder, joining)
-            except Exception as error:  # noqa: BLE001 - fail the running batch, start a fresh one
-                failed = joining + [row.owner for row in decoder.rows]
-                log.exception("stage decoder: running batch of %d failed", len(failed))
-                self.observer.batch_failed(self.name, failed, error)
-                for job in failed:
-                    job.fail(StageError(self.name, error))
+            except Exception as error:  # noqa: BLE001 - fail (or retry) the running batch, start a fresh one
+                rows = list(dict.fromkeys(joining + [row.owner for row in decoder.rows]))
                 decoder = self.runner.new_decoder()
+                if isinstance(error, torch.OutOfMemoryError) and size > 1:
+                    # the cache of the whole batch is gone: its rows start again, at most half as many at a time
+                    capacity = max(1, size // 2)
+                    free_cached_memory()
+                    log.warning("stage decoder: out of memory with %d rows; restarting them %d at a time", size, capacity)
+                    for job in reversed(rows):
+                        job.mark(self.name, "enqueued")
+                        self.scheduler.requeue(job, job.priority)
+                    continue
+                log.exception("stage decoder: running batch of %d failed", len(rows))
+                self.observer.batch_failed(self.name, rows, error)
+                for job in rows:
+                    job.fail(StageError(self.name, error))
                 continue
             finally:
                 self.busy_workers -= 1
             self.observer.batch_done(self.name, size, time.monotonic() - started)
+            if not decoder.running:
+                capacity = full  # the smaller batch after running out of memory lasts until its rows are done
             if finished:
                 await self._hand_on(finished)
 
@@ -263,15 +294,16 @@ def build_stages(runner: ModelRunner, post: PostProcessor, settings, observer: S
             job.result = post.window_result(job.decoded, job.duration_s, job.offset_s)
             job.encoded = None
 
+    def policy(batch: int, wait_ms: float) -> BatchPolicy:
+        return BatchPolicy(batch, wait_ms, max(capacity, batch), settings.bulk_share)
+
     stages = [
-        Stage("features", BatchPolicy(1, 0.0, capacity), settings.features_workers, settings.cpu_stage_max_workers,
-              features, observer),
-        Stage("acoustic", BatchPolicy(acoustic_batch, settings.acoustic_max_wait_ms, max(capacity, acoustic_batch)),
-              settings.acoustic_workers, model_max, acoustic, observer),
-        DecoderStage(BatchPolicy(decoder_batch, settings.decoder_max_wait_ms, max(capacity, decoder_batch)),
-                     settings.decoder_workers, model_max, runner, observer),
-        Stage("post", BatchPolicy(1, 0.0, capacity), settings.post_workers, settings.cpu_stage_max_workers,
-              postprocess, observer, after=deliver),
+        Stage("features", policy(1, 0.0), settings.features_workers, settings.cpu_stage_max_workers, features, observer),
+        Stage("acoustic", policy(acoustic_batch, settings.acoustic_max_wait_ms), settings.acoustic_workers, model_max,
+              acoustic, observer),
+        DecoderStage(policy(decoder_batch, settings.decoder_max_wait_ms), settings.decoder_workers, model_max, runner, observer),
+        Stage("post", policy(1, 0.0), settings.post_workers, settings.cpu_stage_max_workers, postprocess, observer,
+              after=deliver),
     ]
     for i, stage in enumerate(stages):
         stage.upstream = stages[:i]
