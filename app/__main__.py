@@ -1,22 +1,46 @@
 """``python -m app``: serve on ASR_HOST:ASR_PORT with uvicorn (one process, one event loop)."""
 
+from __future__ import annotations
+
 import logging
+import socket
 
 import uvicorn
 
 from app.main import create_app
+from app.service import Service
 from configs import Settings
+
+AFTER_DRAIN_S = 5.0  # for uvicorn to close the connections the drain left idle
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn whose shutdown (SIGTERM, SIGINT) drains the service first.
+
+    uvicorn's own first step would close every WebSocket with 1012 and drop the streams' last finals;
+    draining first refuses new work (/readyz 503), lets each stream send its final and close with 1001
+    and lets admitted requests finish, within ASR_SHUTDOWN_TIMEOUT_S. Then uvicorn stops as usual."""
+
+    def __init__(self, config: uvicorn.Config, service: Service):
+        super().__init__(config)
+        self.service = service
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self.service.drain(self.service.settings.shutdown_timeout_s)
+        await super().shutdown(sockets)
 
 
 def main() -> None:
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per webhook delivery would drown the log
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30,
-                # the stream route answers frames over ASR_STREAM_MAX_FRAME_BYTES itself (error event, close 1009);
-                # uvicorn's own limit only stops frames too large to even hold in memory
-                ws_max_size=max(16 << 20, 2 * settings.stream_max_frame_bytes))
+    app = create_app(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=AFTER_DRAIN_S,
+                            # the stream route answers frames over ASR_STREAM_MAX_FRAME_BYTES itself (error event,
+                            # close 1009); uvicorn's own limit only stops frames too large to even hold in memory
+                            ws_max_size=max(16 << 20, 2 * settings.stream_max_frame_bytes))
+    DrainingServer(config, app.state.service).run()
 
 
 if __name__ == "__main__":

@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING
 
 from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import error_body
+from app.errors import APIError
+
+if TYPE_CHECKING:
+    from app.service import Service
+
+
+LINGER_IDLE_S = 2.0  # a refused client that sends nothing for this long has stopped sending its body
+LINGER_MAX_S = 10.0  # ... and none is read for longer than this
+
+
+async def refuse_before_body(error: APIError, receive: Receive, send: Send) -> None:
+    """Answer a request whose body has not been read, at once; then read and drop what the client still
+    sends before the connection closes. Closing a socket with unread data in it resets the connection,
+    and most clients, busy sending their body, would see the reset instead of this answer (nginx calls
+    the remedy a lingering close). The answer's Content-Length tells the client it is complete."""
+    response = error.response()
+    response.headers["Connection"] = "close"  # the unread rest of the body must not be taken for the next request
+    await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body, "more_body": True})
+    deadline = time.monotonic() + LINGER_MAX_S
+    with contextlib.suppress(TimeoutError):
+        while (left := deadline - time.monotonic()) > 0:
+            message = await asyncio.wait_for(receive(), min(LINGER_IDLE_S, left))
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+    await send({"type": "http.response.body", "body": b""})
 
 
 def _message(max_bytes: int) -> str:
@@ -33,7 +60,7 @@ class BodySizeLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            await JSONResponse(error_body("payload_too_large", _message(self.max_bytes)), 413)(scope, receive, send)
+            await refuse_before_body(APIError(413, "payload_too_large", _message(self.max_bytes)), receive, send)
             return
         received = 0
 
@@ -50,33 +77,43 @@ class BodySizeLimit:
 
 
 class Admission:
-    """Refuses transcription requests with 429 before their body is read, once the pipeline is backed up:
-    more windows waiting in its queues than ``max_waiting``, or the oldest waiting longer than
-    ``max_age_s``. Reading a 50 MB upload only to refuse it would waste the time the backlog needs."""
+    """Decides, before a transcription request's body is read, whether it comes in: not while the server
+    is loading or shutting down (503), nor while the pipeline is backed up (429): more windows waiting in
+    its queues than ASR_ADMISSION_MAX_WAITING, or the oldest waiting longer than ASR_ADMISSION_MAX_AGE_S.
+    Reading a 50 MB upload only to refuse it would waste the time the backlog needs. Counts the admitted
+    requests in flight, which a graceful shutdown waits for."""
 
     PATHS = ("/v1/transcribe", "/v1/audio/transcriptions")
 
-    def __init__(self, app: ASGIApp, backlog: Callable[[], tuple[int, float]], max_waiting: int, max_age_s: float,
-                 on_refuse: Callable[[str], None]):
+    def __init__(self, app: ASGIApp, service: Service):
         self.app = app
-        self.backlog = backlog  # (windows waiting in all stage queues, oldest wait in seconds)
-        self.max_waiting = max_waiting
-        self.max_age_s = max_age_s
-        self.on_refuse = on_refuse
+        self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.PATHS:
-            waiting, oldest_s = self.backlog()
-            reason = None
-            if waiting > self.max_waiting:
-                reason = f"{waiting} windows are waiting, over the limit of {self.max_waiting} (ASR_ADMISSION_MAX_WAITING)"
-            elif oldest_s > self.max_age_s:
-                reason = f"the oldest window has waited {oldest_s:.1f} s, over the limit of {self.max_age_s:g} s (ASR_ADMISSION_MAX_AGE_S)"
-            if reason is not None:
-                self.on_refuse("backlog")
-                # the connection is closed after the answer: the unread body must not be taken for the next request
-                response = JSONResponse(error_body("overloaded", f"the service is at capacity: {reason}; retry later"), 429,
-                                        headers={"Retry-After": str(max(1, round(oldest_s or 1))), "Connection": "close"})
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if not (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.PATHS):
+            await self.app(scope, receive, send)
+            return
+        if (refusal := self.refusal()) is not None:
+            await refuse_before_body(refusal, receive, send)
+            return
+        self.service.requests_in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.service.requests_in_flight -= 1
+
+    def refusal(self) -> APIError | None:
+        service, settings = self.service, self.service.settings
+        if (unavailable := service.unavailable()) is not None:
+            service.metrics.rejected.labels(unavailable.code).inc()
+            return unavailable
+        waiting, oldest_s = service.backlog()
+        if waiting > settings.admission_max_waiting:
+            reason = f"{waiting} windows are waiting, over the limit of {settings.admission_max_waiting} (ASR_ADMISSION_MAX_WAITING)"
+        elif oldest_s > settings.admission_max_age_s:
+            reason = f"the oldest window has waited {oldest_s:.1f} s, over the limit of {settings.admission_max_age_s:g} s (ASR_ADMISSION_MAX_AGE_S)"
+        else:
+            return None
+        service.metrics.rejected.labels("backlog").inc()
+        return APIError(429, "overloaded", f"the service is at capacity: {reason}; retry later",
+                        {"Retry-After": str(max(1, round(oldest_s or 1)))})

@@ -45,9 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                   description="Streaming and batch speech recognition on a self-tuning four-stage Whisper pipeline.")
     app.state.service = service
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
-    app.add_middleware(Admission, backlog=service.backlog, max_waiting=settings.admission_max_waiting,
-                       max_age_s=settings.admission_max_age_s,
-                       on_refuse=lambda reason: service.metrics.rejected.labels(reason).inc())
+    app.add_middleware(Admission, service=service)
     if settings.api_keys:  # nothing past this runs for a caller without a key
         app.add_middleware(ApiKeyAuth, keys=_csv(settings.api_keys), open_paths=_csv(settings.auth_open_paths))
     if settings.cors_origins:  # outside the keys: a browser's preflight carries none

@@ -7,10 +7,12 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from configs import Settings
 from allocator.greedy import AllocatorPolicy, GreedyAllocator
 from allocator.profiler import PressureWeights, StageProfiler
+from app.errors import APIError
 from app.metrics import Metrics
 from app.webhook import WebhookDelivery
 from workers.decoding import DecodingOptions
@@ -18,6 +20,9 @@ from workers.pipeline import Pipeline
 from workers.stages import ObserverGroup
 from workers.runner import EMBEDDED_MODEL_NAME, ModelRunner, choose_device, embedded_model_path
 from workers.streaming import StreamConfig, StreamEngine
+
+if TYPE_CHECKING:
+    from app.routes.stream import StreamConnection
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +37,26 @@ class Service:
     webhook: WebhookDelivery | None = None
     _allocator_task: asyncio.Task | None = None
     streams: StreamEngine | None = None
-    stream_connections: set[asyncio.Task] = field(default_factory=set)
+    stream_connections: set[StreamConnection] = field(default_factory=set)
+    requests_in_flight: int = 0  # admitted REST requests not yet answered
     model_name: str = ""
     load_error: str | None = None
+    draining: bool = False
 
     @property
     def ready(self) -> bool:
-        return self.pipeline is not None
+        return self.unavailable() is None
+
+    def unavailable(self) -> APIError | None:
+        """Why no new work can come in now (a 503 to answer with), or None when it can."""
+        retry = {"Retry-After": "5"}
+        if self.draining:
+            return APIError(503, "shutting_down", "the server is shutting down; retry (another replica will answer)", retry)
+        if self.load_error:
+            return APIError(503, "model_failed", f"the model could not be loaded: {self.load_error}")
+        if self.pipeline is None:
+            return APIError(503, "loading", "the model is still loading; retry shortly (GET /readyz says when it is ready)", retry)
+        return None
 
     async def load(self) -> None:
         """Load and warm the model off the event loop, then start the stages; /readyz turns 200 after."""
@@ -96,11 +114,27 @@ class Service:
         options = DecodingOptions(sample_len=self.settings.max_new_tokens)
         return ModelRunner(model_dir, choose_device(self.settings.device), options)
 
+    async def drain(self, timeout_s: float) -> None:
+        """The first step of a graceful shutdown: refuse new work (/readyz turns 503), let every open stream
+        send its last final and close with 1001, and let admitted requests finish; at most ``timeout_s``."""
+        self.draining = True
+        connections = list(self.stream_connections)
+        log.info("draining: %d streams, %d requests in flight", len(connections), self.requests_in_flight)
+        for connection in connections:
+            connection.stop()
+        deadline = time.monotonic() + timeout_s
+        while (self.stream_connections or self.requests_in_flight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.stream_connections or self.requests_in_flight:
+            log.warning("drain timed out after %g s (ASR_SHUTDOWN_TIMEOUT_S): %d streams and %d requests cut off",
+                        timeout_s, len(self.stream_connections), self.requests_in_flight)
+
     async def close(self) -> None:
-        """Streams still open are told the server is going away, then the stages stop."""
-        for task in list(self.stream_connections):
-            task.cancel()
-        await asyncio.gather(*self.stream_connections, return_exceptions=True)
+        """Streams still open (the drain ran out of time, or never ran) are cut off, then the stages stop."""
+        connections = list(self.stream_connections)
+        for connection in connections:
+            connection.abort()
+        await asyncio.gather(*(c.task for c in connections if c.task is not None), return_exceptions=True)
         if self.streams is not None:
             self.streams.close()
         if self._allocator_task is not None:

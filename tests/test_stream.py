@@ -183,6 +183,21 @@ def test_frame_over_the_limit_closes_with_1009(limited_server: Server) -> None:
     assert messages[1]["code"] == "frame_too_large" and code == 1009
 
 
+def test_message_flood_is_closed_with_1008(server: Server) -> None:
+    """2000 frames of 2 ms as fast as the client can send them: far past 200 messages per second."""
+    async def main():
+        async with open_stream(ws_url(server)) as stream:
+            with contextlib.suppress(ConnectionClosed):
+                for _ in range(2000):
+                    await stream.ws.send(b"\0" * 64)
+            return await collect(stream), stream.close_code
+
+    messages, code = run(main())
+    errors = [m for m in messages if m["type"] == "error"]
+    assert [e["code"] for e in errors] == ["rate_limited"] and "ASR_STREAM_MAX_MESSAGES_PER_S" in errors[0]["message"]
+    assert messages[-1] == {"type": "closed", "reason": "rate_limited"} and code == 1008
+
+
 def test_idle_stream_is_closed_with_1008(limited_server: Server) -> None:
     async def main():
         async with open_stream(ws_url(limited_server)) as stream:

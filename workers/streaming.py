@@ -214,8 +214,9 @@ class StreamSession:
             silence = (self.received - self.last_speech_end) / SAMPLE_RATE
             if not self.speaking and silence >= self.options.endpoint_silence_s:
                 self._end_utterance(min(self.received, self.last_speech_end + pad), "endpoint")
-            elif (self.received - self.utterance_start) / SAMPLE_RATE >= config.max_utterance_s:
-                self._end_utterance(self._committed_boundary() or self.received, "max_length")
+            elif self.received >= (limit := self.utterance_start + int(config.max_utterance_s * SAMPLE_RATE)):
+                # a frame may carry the utterance past its limit: the rest starts the next one
+                self._end_utterance(self._committed_boundary() or limit, "max_length")
         self._trim()
         self._kick()
 

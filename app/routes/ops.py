@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.errors import error_body
+from app.errors import APIError
 
 router = APIRouter(tags=["operations"])
 
@@ -18,14 +18,12 @@ async def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Readiness: 200 once the model is loaded and warmed up, else 503")
+@router.get("/readyz", summary="Readiness: 200 once the model is loaded and warmed up; 503 while loading, after a failed load, and while shutting down")
 async def readyz(request: Request) -> JSONResponse:
     service = request.app.state.service
-    if service.ready:
-        return JSONResponse({"status": "ready", "model": service.model_name})
-    if service.load_error:
-        return JSONResponse(error_body("model_failed", f"the model could not be loaded: {service.load_error}"), 503)
-    return JSONResponse(error_body("loading", "the model is loading"), 503, headers={"Retry-After": "5"})
+    if (unavailable := service.unavailable()) is not None:
+        return unavailable.response()
+    return JSONResponse({"status": "ready", "model": service.model_name})
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
@@ -36,8 +34,8 @@ async def metrics(request: Request) -> Response:
 @router.get("/v1/pipeline", summary="The operator's view: each stage's pool, queue, latency, utilization and pressure; the bottleneck, budgets and the allocator's last decisions")
 async def pipeline(request: Request) -> JSONResponse:
     service = request.app.state.service
-    if not service.ready:
-        return JSONResponse(error_body("loading", "the model is loading"), 503, headers={"Retry-After": "5"})
+    if service.pipeline is None:
+        return APIError(503, "loading", "the model is loading", {"Retry-After": "5"}).response()
     profile = service.profiler.profile()
     allocator = service.allocator
     return JSONResponse({

@@ -15,12 +15,11 @@ import uuid
 from typing import Literal
 
 from fastapi import APIRouter, WebSocket
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocketState
 
 from app.audio import PcmStream
-from app.errors import error_body
+from app.errors import APIError
 from app.service import Service
 from workers.streaming import Event, Final, Partial, StreamError, StreamOptions, StreamSession
 
@@ -29,6 +28,24 @@ router = APIRouter(tags=["streaming"])
 
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_INTERNAL, CLOSE_TRY_LATER = 1000, 1001, 1008, 1009, 1011, 1013
 DRAIN_TIMEOUT_S = 60.0  # longest the last final may take once the stream is closing
+RATE_BURST_S = 2.0  # the message-rate limit is an average over this long
+
+
+class TokenBucket:
+    """At most ``rate`` events per second on average, ``rate * burst_s`` of them at once."""
+
+    def __init__(self, rate: float, burst_s: float):
+        self.rate, self.capacity = rate, rate * burst_s
+        self.tokens, self.updated = self.capacity, time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
 
 
 class StartMessage(BaseModel):
@@ -71,6 +88,19 @@ class StreamConnection:
         self.pcm: PcmStream | None = None
         self.outbox: asyncio.Queue[dict | None] = asyncio.Queue()
         self.id = uuid.uuid4().hex[:12]
+        self.task: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
+        # a few seconds of burst: a client catching up after a network stall sends faster than it records
+        self.rate = TokenBucket(service.settings.stream_max_messages_per_s, burst_s=RATE_BURST_S)
+
+    def stop(self) -> None:
+        """Graceful end (the server is draining): the audio received so far gets its final, then 1001."""
+        self._stopping.set()
+
+    def abort(self) -> None:
+        """Hard end (the drain ran out of time): pending work is dropped, the client still gets 1001."""
+        if self.task is not None:
+            self.task.cancel()
 
     def options(self) -> dict:
         endpoint_ms = self.start.endpoint_silence_ms or self.settings.stream_endpoint_silence_ms
@@ -107,23 +137,24 @@ class StreamConnection:
         return self.session
 
     async def run(self) -> None:
+        self.task = asyncio.current_task()
         sender = asyncio.create_task(self._send_loop())
         self.send({"type": "ready", "session_id": self.id, "model": self.service.model_name, **self.options()})
-        reason, code = "internal_error", CLOSE_INTERNAL
+        reason, code, finish_work = "internal_error", CLOSE_INTERNAL, True
         try:
             reason, code = await self._receive_loop()
         except asyncio.CancelledError:
-            reason, code = "server_shutdown", CLOSE_GOING_AWAY
+            reason, code, finish_work = "server_shutdown", CLOSE_GOING_AWAY, False
         except Exception:  # noqa: BLE001 - one broken session must not take the server down
             log.exception("stream %s failed", self.id)
             self.error("internal_error", "the server failed on this stream; the error is logged")
         finally:
-            await self._finish(reason, code, sender)
+            await self._finish(reason, code, sender, finish_work)
 
-    async def _finish(self, reason: str, code: int | None, sender: asyncio.Task) -> None:
+    async def _finish(self, reason: str, code: int | None, sender: asyncio.Task, finish_work: bool) -> None:
         session = self.session
         if session is not None:
-            if code is None:  # the client has gone: nothing more can reach it
+            if code is None or not finish_work:  # the client has gone, or there is no time left
                 session.abort()
             else:
                 try:
@@ -150,26 +181,51 @@ class StreamConnection:
     async def _receive_loop(self) -> tuple[str, int | None]:
         settings = self.settings
         deadline = time.monotonic() + settings.stream_max_session_s
-        while True:
-            left = deadline - time.monotonic()
-            try:
-                message = await asyncio.wait_for(self.websocket.receive(), min(settings.stream_idle_timeout_s, max(left, 0)))
-            except TimeoutError:
-                if time.monotonic() >= deadline:
-                    self.error("session_too_long", f"streams last at most {settings.stream_max_session_s:g} s (ASR_STREAM_MAX_SESSION_S); open a new one")
-                    return "session_too_long", CLOSE_POLICY
-                self.error("idle_timeout", f"nothing received for {settings.stream_idle_timeout_s:g} s (ASR_STREAM_IDLE_TIMEOUT_S)")
-                return "idle_timeout", CLOSE_POLICY
-            if message["type"] == "websocket.disconnect":
-                return "client_gone", None
-            if message.get("bytes") is not None:
-                data = message["bytes"]
-                if len(data) > settings.stream_max_frame_bytes:
-                    self.error("frame_too_large", f"a frame of {len(data)} bytes is over the limit of {settings.stream_max_frame_bytes} (ASR_STREAM_MAX_FRAME_BYTES); send smaller frames")
-                    return "frame_too_large", CLOSE_TOO_BIG
-                await self._audio(data)
-            elif message.get("text") is not None and await self._control(message["text"]):
-                return "client_close", CLOSE_NORMAL
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                receiving = asyncio.ensure_future(self.websocket.receive())
+                await asyncio.wait({receiving, stopping}, timeout=min(settings.stream_idle_timeout_s, max(left, 0)),
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if not receiving.done():
+                    receiving.cancel()
+                    if stopping.done():
+                        if self.session is not None:
+                            await self._flush()
+                        return "server_shutdown", CLOSE_GOING_AWAY
+                    return self._timed_out(deadline)
+                result = await self._handle(receiving.result())
+                if result is not None:
+                    return result
+        finally:
+            stopping.cancel()
+
+    def _timed_out(self, deadline: float) -> tuple[str, int]:
+        settings = self.settings
+        if time.monotonic() >= deadline:
+            self.error("session_too_long", f"streams last at most {settings.stream_max_session_s:g} s (ASR_STREAM_MAX_SESSION_S); open a new one")
+            return "session_too_long", CLOSE_POLICY
+        self.error("idle_timeout", f"nothing received for {settings.stream_idle_timeout_s:g} s (ASR_STREAM_IDLE_TIMEOUT_S)")
+        return "idle_timeout", CLOSE_POLICY
+
+    async def _handle(self, message: dict) -> tuple[str, int | None] | None:
+        """One message from the client; returns how the stream ends, or None while it goes on."""
+        settings = self.settings
+        if message["type"] == "websocket.disconnect":
+            return "client_gone", None
+        if not self.rate.allow():
+            self.error("rate_limited", f"more than {settings.stream_max_messages_per_s:g} messages per second (ASR_STREAM_MAX_MESSAGES_PER_S); send larger frames, less often")
+            return "rate_limited", CLOSE_POLICY
+        if message.get("bytes") is not None:
+            data = message["bytes"]
+            if len(data) > settings.stream_max_frame_bytes:
+                self.error("frame_too_large", f"a frame of {len(data)} bytes is over the limit of {settings.stream_max_frame_bytes} (ASR_STREAM_MAX_FRAME_BYTES); send smaller frames")
+                return "frame_too_large", CLOSE_TOO_BIG
+            await self._audio(data)
+        elif message.get("text") is not None and await self._control(message["text"]):
+            return "client_close", CLOSE_NORMAL
+        return None
 
     async def _audio(self, data: bytes) -> None:
         session = self._open()
@@ -213,31 +269,32 @@ class StreamConnection:
         return False
 
 
-async def _refuse(websocket: WebSocket, status: int, code: str, message: str, headers: dict | None = None) -> None:
+async def _refuse(websocket: WebSocket, error: APIError) -> None:
     """Refuse the handshake with an HTTP response and a JSON reason."""
-    await websocket.send_denial_response(JSONResponse(error_body(code, message), status, headers=headers))
+    await websocket.send_denial_response(error.response())
 
 
 @router.websocket("/v1/stream")
 async def stream(websocket: WebSocket) -> None:
     service: Service = websocket.app.state.service
-    if not service.ready:
-        await _refuse(websocket, 503, "loading", "the model is still loading; retry shortly", {"Retry-After": "5"})
+    if (unavailable := service.unavailable()) is not None:
+        service.metrics.rejected.labels(unavailable.code).inc()
+        await _refuse(websocket, unavailable)
         return
     if len(service.stream_connections) >= service.settings.stream_max_sessions:
         service.metrics.rejected.labels("streams_full").inc()
-        await _refuse(websocket, 503, "server_busy", f"all {service.settings.stream_max_sessions} stream slots are taken (ASR_STREAM_MAX_SESSIONS); retry later", {"Retry-After": "5"})
+        await _refuse(websocket, APIError(503, "server_busy", f"all {service.settings.stream_max_sessions} stream slots are taken (ASR_STREAM_MAX_SESSIONS); retry later", {"Retry-After": "5"}))
         return
     try:
         # api_key is the authentication middleware's business, not a stream option
         start = parse_start({k: v for k, v in websocket.query_params.items() if k != "api_key"}, service)
     except BadOptions as exc:
-        await _refuse(websocket, 400, "bad_options", f"stream options rejected: {exc}")
+        await _refuse(websocket, APIError(400, "bad_options", f"stream options rejected: {exc}"))
         return
-    task = asyncio.current_task()
-    service.stream_connections.add(task)  # the slot is taken before the first await
+    connection = StreamConnection(websocket, service, start)
+    service.stream_connections.add(connection)  # the slot is taken before the first await
     try:
         await websocket.accept()
-        await StreamConnection(websocket, service, start).run()
+        await connection.run()
     finally:
-        service.stream_connections.discard(task)
+        service.stream_connections.discard(connection)

@@ -23,8 +23,8 @@ OPENAI_DEFAULT_MODEL = "whisper-1"  # what OpenAI clients send unless told other
 
 def _service(request: Request) -> Service:
     service: Service = request.app.state.service
-    if not service.ready:
-        raise APIError(503, "loading", "the model is still loading; retry shortly (GET /readyz says when it is ready)", {"Retry-After": "5"})
+    if (unavailable := service.unavailable()) is not None:
+        raise unavailable
     return service
 
 

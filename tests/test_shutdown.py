@@ -1,0 +1,76 @@
+"""Graceful shutdown of a real server process: SIGTERM in the middle of streams and REST requests."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import httpx
+import numpy as np
+from websockets.exceptions import InvalidStatus
+
+from app.audio import decode_audio
+from loadtest.evalset import normalize
+from loadtest.stream import StreamClient, open_stream
+from tests.conftest import JFK, JFK_TEXT, Server
+from tests.test_faults import wav_bytes
+
+
+async def refusals_while_draining(server: Server) -> tuple[httpx.Response, httpx.Response, int]:
+    """What a newcomer gets while the server drains: /readyz, a REST request and a stream handshake."""
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        ready = await client.get("/readyz")
+        rest = await client.post("/v1/transcribe", content=JFK.read_bytes())
+    try:
+        async with open_stream(server.url.replace("http", "ws") + "/v1/stream", timeout_s=10):
+            handshake = 101
+    except InvalidStatus as refused:
+        handshake = refused.response.status_code
+    return ready, rest, handshake
+
+
+def test_sigterm_drains_streams_and_requests_then_exits() -> None:
+    server = Server(shutdown_timeout_s="30")
+    try:
+        server.wait_ready()
+        jfk = decode_audio(JFK.read_bytes(), 60)
+        long_file = wav_bytes(np.concatenate([jfk] * 5))  # 55 s: still being transcribed when the signal comes
+        stream_url = server.url.replace("http", "ws") + "/v1/stream"
+
+        async def main():
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+                streams = [asyncio.create_task(StreamClient(stream_url, frame_ms=100).run_file(jfk)) for _ in range(2)]
+                rests = [asyncio.create_task(client.post("/v1/transcribe", content=long_file)) for _ in range(2)]
+                await asyncio.sleep(6)  # both streams are mid-sentence, both requests admitted
+                server.process.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                await asyncio.sleep(0.3)
+                refused = await refusals_while_draining(server)
+                records = await asyncio.gather(*streams)
+                answers = await asyncio.gather(*rests)
+            exit_code = await asyncio.to_thread(server.process.wait, 60)
+            return records, answers, refused, exit_code, time.monotonic() - signalled
+
+        records, answers, (ready, rest, handshake), exit_code, exit_s = asyncio.run(main())
+    finally:
+        server.stop()
+
+    assert ready.status_code == 503 and ready.json()["error"]["code"] == "shutting_down"
+    assert rest.status_code == 503 and rest.json()["error"]["code"] == "shutting_down" and "retry" in rest.json()["error"]["message"]
+    assert handshake == 503
+    for answer in answers:  # admitted before the signal: answered in full
+        assert answer.status_code == 200, answer.text
+        assert normalize(answer.json()["text"]).count("fellow americans") == 5
+    for record in records:
+        kinds = [event.type for event in record.events]
+        assert kinds[0] == "ready" and kinds[-1] == "closed", kinds
+        assert record.events[-1].data["reason"] == "server_shutdown"
+        assert record.close_code == 1001
+        finals = [event.data for event in record.events if event.type == "final"]
+        heard = normalize(" ".join(final["text"] for final in finals)).split()
+        # about six of the eleven seconds were sent: the last final carries what was said up to the signal
+        # (the words around the cut may come out differently)
+        assert finals and finals[-1]["text"] and heard[:6] == JFK_TEXT.split()[:6], heard
+    # uvicorn re-raises the signal once it has shut down cleanly, so the exit status is the signal's (143 in a shell)
+    assert exit_code == -signal.SIGTERM and exit_s < 30 + 10
