@@ -24,7 +24,7 @@ class APIError(Exception):
         return JSONResponse(error_body(self.code, self.message), self.status, headers=self.headers)
 
 
-_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
 def error_body(code: str, message: str) -> dict:

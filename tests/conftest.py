@@ -20,6 +20,10 @@ JFK = EVAL / "audio" / "faster_whisper_tests" / "jfk.flac"
 JFK_TEXT = "and so my fellow americans ask not what your country can do for you ask what you can do for your country"
 
 
+LIMITED_SETTINGS = {"max_upload_bytes": 2_000_000, "max_audio_s": 20, "stream_max_sessions": 2, "stream_idle_timeout_s": 2,
+                    "stream_max_session_s": 5, "stream_max_frame_bytes": 65536}
+
+
 class Quiet:
     """A StageObserver that ignores everything, for stages tested without the service around them."""
 
@@ -85,8 +89,7 @@ def server() -> Iterator[Server]:
 @pytest.fixture(scope="session")
 def limited_server() -> Iterator[Server]:
     """Small limits, to test refusals without huge uploads or long waits."""
-    with running_server(max_upload_bytes="2000000", max_audio_s="20", stream_max_sessions="2",
-                        stream_idle_timeout_s="2", stream_max_session_s="5", stream_max_frame_bytes="65536") as s:
+    with running_server(**{name: str(value) for name, value in LIMITED_SETTINGS.items()}) as s:
         yield s
 
 

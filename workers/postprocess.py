@@ -78,6 +78,8 @@ class PostProcessor:
             text = self.tokenizer.decode(seg_tokens).strip()
             if loops:
                 text = " ".join(collapse_repeats(text.split(), guards.max_repeats))
+                if compression_ratio(text) > guards.compression_ratio_threshold:
+                    continue  # a loop inside a word ("Aaaaaa..."): nothing of it can be kept
             if not text or (loops and segments and text == segments[-1].text):
                 continue
             segments.append(Segment(

@@ -55,7 +55,7 @@ class StartMessage(BaseModel):
     type: Literal["start"] = "start"
     sample_rate: int = Field(16000, ge=8000, le=192000)
     encoding: Literal["pcm_s16le", "pcm_f32le"] = "pcm_s16le"
-    language: str = "en"
+    language: str = Field("en", max_length=16)
     interim_results: bool = True
     endpoint_silence_ms: int | None = Field(None, ge=100, le=10_000)
 
@@ -217,13 +217,14 @@ class StreamConnection:
         if not self.rate.allow():
             self.error("rate_limited", f"more than {settings.stream_max_messages_per_s:g} messages per second (ASR_STREAM_MAX_MESSAGES_PER_S); send larger frames, less often")
             return "rate_limited", CLOSE_POLICY
-        if message.get("bytes") is not None:
-            data = message["bytes"]
-            if len(data) > settings.stream_max_frame_bytes:
-                self.error("frame_too_large", f"a frame of {len(data)} bytes is over the limit of {settings.stream_max_frame_bytes} (ASR_STREAM_MAX_FRAME_BYTES); send smaller frames")
-                return "frame_too_large", CLOSE_TOO_BIG
+        data, text = message.get("bytes"), message.get("text")
+        size = len(data) if data is not None else len(text or "")
+        if size > settings.stream_max_frame_bytes:
+            self.error("frame_too_large", f"a message of {size} bytes is over the limit of {settings.stream_max_frame_bytes} (ASR_STREAM_MAX_FRAME_BYTES); send smaller frames")
+            return "frame_too_large", CLOSE_TOO_BIG
+        if data is not None:
             await self._audio(data)
-        elif message.get("text") is not None and await self._control(message["text"]):
+        elif text is not None and await self._control(text):
             return "client_close", CLOSE_NORMAL
         return None
 
@@ -245,8 +246,8 @@ class StreamConnection:
         """Handle a text message; True when the client asked to close."""
         try:
             message = json.loads(text)
-            kind = message["type"] if isinstance(message, dict) else None
-        except (ValueError, KeyError):
+            kind = message["type"]
+        except (ValueError, KeyError, TypeError):  # not JSON, no type, or not an object
             self.error("bad_message", 'text messages are JSON objects with a "type": start, finalize or close')
             return False
         if kind == "start":

@@ -75,7 +75,7 @@ async def _transcribe(request: Request, service: Service, data: bytes, language:
 )
 async def transcribe(
     request: Request,
-    language: Annotated[str | None, Query(description="Language code; the English-only default model takes 'en'.")] = None,
+    language: Annotated[str | None, Query(max_length=16, description="Language code; the English-only default model takes 'en'.")] = None,
     prompt: Annotated[str | None, Query(description="Text that conditions the decoder: names, spellings, style.")] = None,
 ) -> JSONResponse:
     service = _service(request)
@@ -97,7 +97,7 @@ async def openai_transcriptions(
     request: Request,
     file: Annotated[UploadFile, File(description="The audio file: wav, flac, mp3, ogg/opus, m4a, webm, ...")],
     model: Annotated[str, Form(description="Model name; 'whisper-1' means the default model.")] = OPENAI_DEFAULT_MODEL,
-    language: Annotated[str | None, Form()] = None,
+    language: Annotated[str | None, Form(max_length=16)] = None,
     prompt: Annotated[str | None, Form()] = None,
     temperature: Annotated[float, Form(ge=0, le=1)] = 0.0,
     response_format: Annotated[ResponseFormat, Form()] = ResponseFormat.json,
