@@ -40,7 +40,7 @@ class Service:
     stream_connections: set[StreamConnection] = field(default_factory=set)
     requests_in_flight: int = 0  # admitted REST requests not yet answered
     model_name: str = ""
-    load_error: str | None = None
+    load_failed: bool = False
     draining: bool = False
 
     @property
@@ -52,8 +52,8 @@ class Service:
         retry = {"Retry-After": "5"}
         if self.draining:
             return APIError(503, "shutting_down", "the server is shutting down; retry (another replica will answer)", retry)
-        if self.load_error:
-            return APIError(503, "model_failed", f"the model could not be loaded: {self.load_error}")
+        if self.load_failed:  # the reason names paths on this machine: it goes to the log, not to clients
+            return APIError(503, "model_failed", "the model could not be loaded; the reason is in the server's log")
         if self.pipeline is None:
             return APIError(503, "loading", "the model is still loading; retry shortly (GET /readyz says when it is ready)", retry)
         return None
@@ -67,8 +67,8 @@ class Service:
         try:
             runner = await asyncio.to_thread(self._load_runner, model_dir)
             report = await asyncio.to_thread(runner.warm_up)
-        except Exception as exc:
-            self.load_error = f"{type(exc).__name__}: {exc}"
+        except Exception:
+            self.load_failed = True
             log.exception("model %s could not be loaded", model_dir)
             raise
         if settings.post_webhook_url:
