@@ -72,5 +72,32 @@ def test_sigterm_drains_streams_and_requests_then_exits() -> None:
         # about six of the eleven seconds were sent: the last final carries what was said up to the signal
         # (the words around the cut may come out differently)
         assert finals and finals[-1]["text"] and heard[:6] == JFK_TEXT.split()[:6], heard
+    print(f"exited {exit_s:.1f} s after SIGTERM")
     # uvicorn re-raises the signal once it has shut down cleanly, so the exit status is the signal's (143 in a shell)
     assert exit_code == -signal.SIGTERM and exit_s < 30 + 10
+
+
+def test_a_drain_that_runs_out_of_time_still_exits_in_bounded_time() -> None:
+    server = Server(shutdown_timeout_s="1")
+    try:
+        server.wait_ready()
+        long_file = wav_bytes(np.concatenate([decode_audio(JFK.read_bytes(), 60)] * 20))  # 220 s: minutes of work here
+
+        async def main():
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+                request = asyncio.create_task(client.post("/v1/transcribe", content=long_file))
+                await asyncio.sleep(3)
+                server.process.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+                exit_code = await asyncio.to_thread(server.process.wait, 60)
+                exited_s = time.monotonic() - signalled
+                answer = await asyncio.gather(request, return_exceptions=True)
+            return exit_code, exited_s, answer[0]
+
+        exit_code, exited_s, answer = asyncio.run(main())
+    finally:
+        server.stop()
+    print(f"exited {exited_s:.1f} s after SIGTERM, the request got {answer!r}")
+    # 1 s of drain, then uvicorn's 5 s for what is left, then the stages stop
+    assert exit_code == -signal.SIGTERM and exited_s < 1 + 5 + 5, exited_s
+    assert isinstance(answer, httpx.HTTPError) or answer.status_code >= 500  # cut off, never a half transcript
