@@ -82,7 +82,11 @@ class PcmStream:
         self.sample_rate = sample_rate
         self.carry = b""
         self.samples_in = 0
-        self.resampler = None if sample_rate == SAMPLE_RATE else av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        self.resampler = None if sample_rate == SAMPLE_RATE else self._new_resampler()
+
+    @staticmethod
+    def _new_resampler() -> av.AudioResampler:
+        return av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
 
     def decode(self, data: bytes) -> np.ndarray:
         data = self.carry + data
@@ -94,10 +98,12 @@ class PcmStream:
         return self._resample(audio)
 
     def flush(self) -> np.ndarray:
-        """What the resampler still holds, at the end of the stream (or of an utterance)."""
+        """What the resampler still holds, at the end of the stream (or of an utterance); audio may follow."""
         if self.resampler is None:
             return np.zeros(0, dtype=np.float32)
-        return self._frames(self.resampler.resample(None))
+        tail = self._frames(self.resampler.resample(None))
+        self.resampler, self.samples_in = self._new_resampler(), 0  # a flushed filter graph takes no more input
+        return tail
 
     def _resample(self, audio: np.ndarray) -> np.ndarray:
         if self.resampler is None or not len(audio):
@@ -112,4 +118,5 @@ class PcmStream:
     def _frames(frames: list[av.AudioFrame]) -> np.ndarray:
         if not frames:
             return np.zeros(0, dtype=np.float32)
-        return np.concatenate([f.to_ndarray().reshape(-1) for f in frames])
+        # resampling a full-scale signal overshoots full scale: clip again
+        return np.clip(np.concatenate([f.to_ndarray().reshape(-1) for f in frames]), -1.0, 1.0)

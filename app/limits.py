@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from typing import TYPE_CHECKING
 
@@ -79,7 +80,8 @@ class BodySizeLimit:
 class Admission:
     """Decides, before a transcription request's body is read, whether it comes in: not while the server
     is loading or shutting down (503), nor while the pipeline is backed up (429): more windows waiting in
-    its queues than ASR_ADMISSION_MAX_WAITING, or the oldest waiting longer than ASR_ADMISSION_MAX_AGE_S.
+    its queues than ASR_ADMISSION_MAX_WAITING, or the work in flight predicted to take longer than
+    ASR_ADMISSION_MAX_WAIT_S at the rate the pipeline has been finishing windows.
     Reading a 50 MB upload only to refuse it would waste the time the backlog needs. Counts the admitted
     requests in flight, which a graceful shutdown waits for."""
 
@@ -107,13 +109,14 @@ class Admission:
         if (unavailable := service.unavailable()) is not None:
             service.metrics.rejected.labels(unavailable.code).inc()
             return unavailable
-        waiting, oldest_s = service.backlog()
+        waiting, wait_s = service.backlog()
         if waiting > settings.admission_max_waiting:
             reason = f"{waiting} windows are waiting, over the limit of {settings.admission_max_waiting} (ASR_ADMISSION_MAX_WAITING)"
-        elif oldest_s > settings.admission_max_age_s:
-            reason = f"the oldest window has waited {oldest_s:.1f} s, over the limit of {settings.admission_max_age_s:g} s (ASR_ADMISSION_MAX_AGE_S)"
+        elif wait_s > settings.admission_max_wait_s:
+            reason = f"new work would wait about {wait_s:.1f} s, over the limit of {settings.admission_max_wait_s:g} s (ASR_ADMISSION_MAX_WAIT_S)"
         else:
             return None
         service.metrics.rejected.labels("backlog").inc()
-        return APIError(429, "overloaded", f"the service is at capacity: {reason}; retry later",
-                        {"Retry-After": str(max(1, round(oldest_s or 1)))})
+        # by then about the excess has been worked off
+        retry_s = max(1, math.ceil(wait_s - settings.admission_max_wait_s))
+        return APIError(429, "overloaded", f"the service is at capacity: {reason}; retry later", {"Retry-After": str(retry_s)})

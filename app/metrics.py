@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector
 from allocator.profiler import Profile
 
 from workers.jobs import Job
+from workers.pipeline import WindowRate
 from workers.stages import Stage
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -37,6 +38,8 @@ class Metrics:
         self.requests = Counter("asr_http_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=r)
         self.request_latency = Histogram("asr_http_request_duration_seconds", "Time from request to response.", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.audio_seconds = Counter("asr_audio_processed_seconds", "Seconds of audio transcribed.", ["source"], registry=r)
+        self.predicted_wait = Gauge("asr_admission_predicted_wait_seconds", "How long work admitted now would wait for the windows in flight (the admission signal; a scaling signal).", registry=r)
+        self.windows_in_flight = Gauge("asr_windows_in_flight", "Windows submitted to the pipeline and not finished.", registry=r)
         self.rejected = Counter("asr_rejected_requests", "Requests refused before any model work, by reason.", ["reason"], registry=r)
         self.allocator_decisions = Counter("asr_allocator_decisions", "Allocator decisions by stage and action (grow, shrink, hold).", ["stage", "action"], registry=r)
         self.webhook_failures = Counter("asr_webhook_failures", "Segments the post stage could not deliver to ASR_POST_WEBHOOK_URL.", registry=r)
@@ -50,6 +53,10 @@ class Metrics:
     def watch_profile(self, profile: Callable[[], Profile]) -> None:
         """Utilization and pressure, from one profile computed per scrape."""
         self.registry.register(_ProfileCollector(profile))
+
+    def watch_rate(self, rate: WindowRate) -> None:
+        self.predicted_wait.set_function(rate.wait_s)
+        self.windows_in_flight.set_function(lambda: rate.in_flight)
 
     def watch_streams(self, connections: set, sessions: set) -> None:
         self.streams_active.set_function(lambda: len(connections))

@@ -74,7 +74,7 @@ class Service:
         if settings.post_webhook_url:
             self.webhook = WebhookDelivery(settings.post_webhook_url, settings.post_webhook_timeout_s, self.metrics)
         observers = ObserverGroup(self.metrics)
-        pipeline = Pipeline(runner, settings, observers, self.webhook)
+        pipeline = Pipeline(runner, settings, observers, self.webhook, seconds_per_window=report.encoder_s + report.decoder_s)
         devices = {s.name: "gpu" if s.name in ("acoustic", "decoder") and runner.device.type == "cuda" else "cpu"
                    for s in pipeline.stages}
         self.profiler = StageProfiler(pipeline.stages, devices, settings.profiler_window_s, PressureWeights(
@@ -88,6 +88,7 @@ class Service:
             on_decision=lambda d: self.metrics.allocator_decisions.labels(d.stage, d.action).inc(),
             enabled=settings.allocator_enabled)
         self.metrics.watch(pipeline.stages)
+        self.metrics.watch_rate(pipeline.rate)
         self.metrics.watch_profile(self.profiler.profile)
         pipeline.start()
         self._allocator_task = asyncio.create_task(self.allocator.run(), name="allocator")
@@ -100,11 +101,11 @@ class Service:
                  self.model_name, runner.device, time.perf_counter() - started, report.encoder_s, report.decoder_s)
 
     def backlog(self) -> tuple[int, float]:
-        """Windows waiting in all stage queues, and the longest any has waited (0, 0 before the model is up)."""
+        """Windows waiting in the stage queues, and the predicted wait of a window admitted now (0, 0 before
+        the model is up)."""
         if self.pipeline is None:
             return 0, 0.0
-        stages = self.pipeline.stages
-        return sum(len(s.scheduler) for s in stages), max(s.scheduler.oldest_wait_s() for s in stages)
+        return sum(len(s.scheduler) for s in self.pipeline.stages), self.pipeline.rate.wait_s()
 
     def _load_runner(self, model_dir) -> ModelRunner:
         import torch

@@ -63,7 +63,7 @@ class Settings(BaseSettings):
         1000.0, ge=0, description="Longest an idle decoder waits for more rows while the encoder is still busy; it starts at once when the encoder has nothing more."
     )
     admission_max_waiting: int = Field(64, ge=1, description="REST requests are refused with 429 before their body is read while more windows than this wait in the stage queues.")
-    admission_max_age_s: float = Field(10.0, gt=0, description="... or while the oldest waiting window has waited longer than this (so an admitted request waits about this long at most before its work starts).")
+    admission_max_wait_s: float = Field(10.0, gt=0, description="... or while the windows in flight would take longer than this to finish at the rate the pipeline has been finishing them (so an admitted request waits about this long at most before its own work).")
     bulk_share: float = Field(0.2, ge=0, le=1, description="Share of each stage's batch slots kept for REST work while live streams keep the stage busy, so bulk work is never starved.")
     queue_capacity: int = Field(256, ge=1, description="Most windows waiting in front of each stage; a full queue pushes back on the stage before it, and REST requests are refused with 429 once the first one is full.")
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -44,6 +46,37 @@ class Transcript:
         return " ".join(s.text for s in self.segments)
 
 
+class WindowRate:
+    """How long the pipeline takes per window while it is busy, learned from the last windows it finished,
+    and so how long a window admitted now would wait: the admission decision looks ahead with it, where the
+    age of the oldest queued window would only say that it is already too late."""
+
+    def __init__(self, initial_s: float, samples: int = 32):
+        self.in_flight = 0  # windows submitted and not finished, queued or being worked on
+        self._intervals: deque[float] = deque([initial_s], maxlen=samples)
+        self._last = time.monotonic()
+
+    def started(self) -> None:
+        if self.in_flight == 0:
+            self._last = time.monotonic()  # busy from now: the idle time before is not service time
+        self.in_flight += 1
+
+    def finished(self, worked: bool) -> None:
+        self.in_flight -= 1
+        if worked:
+            now = time.monotonic()
+            self._intervals.append(now - self._last)
+            self._last = now
+
+    @property
+    def seconds_per_window(self) -> float:
+        return sum(self._intervals) / len(self._intervals)
+
+    def wait_s(self) -> float:
+        """Predicted time until the windows in flight are done."""
+        return self.in_flight * self.seconds_per_window
+
+
 def plan_windows(audio: np.ndarray) -> list[tuple[int, int]]:
     """[start, end) sample ranges of at most 30 s covering ``audio``, cut where it is quietest."""
     window, frame = CHUNK_SECONDS * SAMPLE_RATE, SAMPLE_RATE // 10
@@ -64,8 +97,9 @@ def rms_dbfs(audio: np.ndarray) -> float:
 
 class Pipeline:
     def __init__(self, runner: ModelRunner, settings: Settings, observer: StageObserver,
-                 deliver: Callable[[Job], Awaitable[None]] | None = None):
+                 deliver: Callable[[Job], Awaitable[None]] | None = None, seconds_per_window: float = 1.0):
         self.runner = runner
+        self.rate = WindowRate(seconds_per_window)
         self.silence_dbfs = settings.silence_threshold_dbfs
         guards = Guards(settings.no_speech_threshold, settings.logprob_threshold, settings.compression_ratio_threshold)
         self.stages: list[Stage] = build_stages(runner, PostProcessor(runner.tokenizer, guards), settings, observer, deliver)
@@ -95,6 +129,8 @@ class Pipeline:
             job = Job(audio=audio[start:end], offset_s=start / SAMPLE_RATE, priority=priority,
                       prompt_tokens=prompt_tokens, language=language)
             pending[job.future] = (job, end, redecodes)
+            self.rate.started()
+            job.future.add_done_callback(lambda f: self.rate.finished(not f.cancelled() and f.exception() is None))
             await self.entry.put(job)
 
         segments: list[Segment] = []

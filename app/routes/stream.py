@@ -247,7 +247,7 @@ class StreamConnection:
         try:
             message = json.loads(text)
             kind = message["type"]
-        except (ValueError, KeyError, TypeError):  # not JSON, no type, or not an object
+        except (ValueError, KeyError, TypeError, RecursionError):  # not JSON (or nested past reason), no type, not an object
             self.error("bad_message", 'text messages are JSON objects with a "type": start, finalize or close')
             return False
         if kind == "start":

@@ -92,7 +92,10 @@ async def transcribe(
     return JSONResponse(service_json(transcript, service.model_name, language))
 
 
-@router.post("/v1/audio/transcriptions", summary="OpenAI-compatible transcription")
+@router.post("/v1/audio/transcriptions", summary="OpenAI-compatible transcription", responses={200: {
+    "description": "json and verbose_json: JSON; text and srt: text/plain; vtt: text/vtt",
+    "content": {"text/plain": {"schema": {"type": "string"}}, "text/vtt": {"schema": {"type": "string"}}},
+}})
 async def openai_transcriptions(
     request: Request,
     file: Annotated[UploadFile, File(description="The audio file: wav, flac, mp3, ogg/opus, m4a, webm, ...")],
