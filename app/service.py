@@ -39,6 +39,7 @@ class Service:
     streams: StreamEngine | None = None
     stream_connections: set[StreamConnection] = field(default_factory=set)
     requests_in_flight: int = 0  # admitted REST requests not yet answered
+    transcriptions: set[asyncio.Future] = field(default_factory=set)  # their pipeline work
     model_name: str = ""
     load_failed: bool = False
     draining: bool = False
@@ -129,6 +130,9 @@ class Service:
         if self.stream_connections or self.requests_in_flight:
             log.warning("drain timed out after %g s (ASR_SHUTDOWN_TIMEOUT_S): %d streams and %d requests cut off",
                         timeout_s, len(self.stream_connections), self.requests_in_flight)
+            for work in self.transcriptions:  # their clients get 503 shutting_down rather than a dropped connection
+                work.cancel()
+            await asyncio.sleep(0.1)  # for those answers to go out
 
     async def close(self) -> None:
         """Streams still open (the drain ran out of time, or never ran) are cut off, then the stages stop."""

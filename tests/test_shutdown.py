@@ -81,7 +81,7 @@ def test_a_drain_that_runs_out_of_time_still_exits_in_bounded_time() -> None:
     server = Server(shutdown_timeout_s="1")
     try:
         server.wait_ready()
-        long_file = wav_bytes(np.concatenate([decode_audio(JFK.read_bytes(), 60)] * 20))  # 220 s: minutes of work here
+        long_file = wav_bytes(np.concatenate([decode_audio(JFK.read_bytes(), 60)] * 60))  # 660 s: about a minute of work
 
         async def main():
             async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
@@ -91,8 +91,8 @@ def test_a_drain_that_runs_out_of_time_still_exits_in_bounded_time() -> None:
                 signalled = time.monotonic()
                 exit_code = await asyncio.to_thread(server.process.wait, 60)
                 exited_s = time.monotonic() - signalled
-                answer = await asyncio.gather(request, return_exceptions=True)
-            return exit_code, exited_s, answer[0]
+                answer = await request
+            return exit_code, exited_s, answer
 
         exit_code, exited_s, answer = asyncio.run(main())
     finally:
@@ -100,4 +100,7 @@ def test_a_drain_that_runs_out_of_time_still_exits_in_bounded_time() -> None:
     print(f"exited {exited_s:.1f} s after SIGTERM, the request got {answer!r}")
     # 1 s of drain, then uvicorn's 5 s for what is left, then the stages stop
     assert exit_code == -signal.SIGTERM and exited_s < 1 + 5 + 5, exited_s
-    assert isinstance(answer, httpx.HTTPError) or answer.status_code >= 500  # cut off, never a half transcript
+    if answer.status_code != 200:  # cut off (or, on a fast machine, finished in time): never a half transcript
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "shutting_down", answer.text
+    else:
+        assert normalize(answer.json()["text"]).count("fellow americans") == 60

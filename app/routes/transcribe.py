@@ -45,15 +45,20 @@ async def _transcribe(request: Request, service: Service, data: bytes, language:
     audio = await asyncio.to_thread(decode_audio, data, service.settings.max_audio_s)
     work = asyncio.ensure_future(service.pipeline.transcribe(audio, priority=Priority.BULK, language=language, prompt=prompt))
     gone = asyncio.ensure_future(_client_gone(request))
+    service.transcriptions.add(work)  # a drain that runs out of time cancels it
     try:
         await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        service.transcriptions.discard(work)
+        client_gone = gone.done()
         gone.cancel()
         if not work.done():  # the client has gone (or we are cancelled): its windows still queued are dropped
             work.cancel()
-    if not work.done() or work.cancelled():
+    if client_gone:
         service.metrics.rejected.labels("client_gone").inc()
         raise APIError(499, "client_closed_request", "the client disconnected before the transcript was ready")
+    if work.cancelled():
+        raise APIError(503, "shutting_down", "the server shut down before this transcript was finished; retry it", {"Retry-After": "5"})
     try:
         transcript = work.result()
     except Overloaded as exc:
