@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import socket
 
@@ -12,6 +14,16 @@ from app.service import Service
 from configs import Settings
 
 AFTER_DRAIN_S = 5.0  # for uvicorn to close the connections the drain left idle
+M_ARENA_MAX = -8  # glibc's mallopt parameter (malloc.h)
+
+
+def limit_malloc_arenas(arenas: int) -> None:
+    """glibc gives threads that contend for malloc arenas of their own (up to 8 per core); the memory of
+    tensors freed by the stages' threads then stays scattered over them and RSS creeps up. Measured in a
+    300 s soak: +126 MiB with glibc's default, +55 MiB with 2 arenas, same throughput."""
+    if arenas:
+        with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+            ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
 
 
 class DrainingServer(uvicorn.Server):
@@ -32,6 +44,7 @@ class DrainingServer(uvicorn.Server):
 
 def main() -> None:
     settings = Settings()
+    limit_malloc_arenas(settings.malloc_arenas)  # before the threads that would create arenas
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per webhook delivery would drown the log
     app = create_app(settings)

