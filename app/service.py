@@ -44,10 +44,6 @@ class Service:
     load_failed: bool = False
     draining: bool = False
 
-    @property
-    def ready(self) -> bool:
-        return self.unavailable() is None
-
     def unavailable(self) -> APIError | None:
         """Why no new work can come in now (a 503 to answer with), or None when it can."""
         retry = {"Retry-After": "5"}

@@ -4,8 +4,8 @@ A batch closes when it reaches the target size, when its oldest item has waited 
 as soon as the caller says nothing more is on its way, whichever comes first: a real deadline, not a
 polling interval. Live-stream work is served before bulk work (REST files), and the end of an
 utterance before a stream's interim steps, except that ``bulk_share`` of the items taken go to bulk
-work whenever some waits: a steady stream load cannot starve a REST request forever. The queue is bounded: ``put`` waits for room
-(back-pressure on the stage before), ``offer`` refuses at once (admission at the edge).
+work whenever some waits: a steady stream load cannot starve a REST request forever. The queue is
+bounded: ``put`` waits for room (back-pressure on the stage before), ``offer`` refuses at once.
 """
 
 from __future__ import annotations

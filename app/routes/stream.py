@@ -26,7 +26,7 @@ from workers.streaming import Event, Final, Partial, StreamError, StreamOptions,
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["streaming"])
 
-CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_INTERNAL, CLOSE_TRY_LATER = 1000, 1001, 1008, 1009, 1011, 1013
+CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_INTERNAL = 1000, 1001, 1008, 1009, 1011
 DRAIN_TIMEOUT_S = 60.0  # longest the last final may take once the stream is closing
 RATE_BURST_S = 2.0  # the message-rate limit is an average over this long
 
