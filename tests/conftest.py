@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
 import subprocess
 import sys
 import time
+import wave
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +25,17 @@ JFK_TEXT = "and so my fellow americans ask not what your country can do for you 
 
 LIMITED_SETTINGS = {"max_upload_bytes": 2_000_000, "max_audio_s": 20, "stream_max_sessions": 2, "stream_idle_timeout_s": 2,
                     "stream_max_session_s": 5, "stream_max_frame_bytes": 65536}
+
+
+def wav_bytes(samples: np.ndarray, rate: int = 16000) -> bytes:
+    """Float samples as a 16-bit mono WAV file."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return out.getvalue()
 
 
 class Quiet:

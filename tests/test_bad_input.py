@@ -6,7 +6,6 @@ import io
 import json
 import socket
 import time
-import wave
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from loadtest.evalset import normalize
-from tests.conftest import EVAL, JFK, JFK_TEXT, Server, running_server
+from tests.conftest import EVAL, JFK, JFK_TEXT, Server, running_server, wav_bytes
 
 
 def error_code(r: httpx.Response, status: int) -> str:
@@ -23,16 +22,6 @@ def error_code(r: httpx.Response, status: int) -> str:
     assert set(body) == {"error"} and body["error"]["message"]
     assert "Traceback" not in r.text and "/site-packages/" not in r.text
     return body["error"]["code"]
-
-
-def wav_bytes(samples: np.ndarray, rate: int = 16000) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return out.getvalue()
 
 
 def test_empty_body(client: httpx.Client) -> None:

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import threading
 import time
-import wave
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,7 +20,7 @@ from app.audio import decode_audio
 from app.main import create_app
 from configs import Settings
 from loadtest.evalset import normalize
-from tests.conftest import JFK, JFK_TEXT, Quiet, free_port
+from tests.conftest import JFK, JFK_TEXT, Quiet, free_port, wav_bytes
 from workers.decoding import DecodingOptions, GreedyDecoder
 from workers.jobs import Job
 from workers.runner import ModelRunner, embedded_model_path
@@ -108,16 +106,6 @@ def test_the_decoder_restarts_its_rows_in_smaller_batches_after_out_of_memory(ru
     texts = asyncio.run(main())
     assert running_at_fault == [4]
     assert [normalize(t) for t in texts] == [JFK_TEXT] * 4  # all four restarted from scratch and finished
-
-
-def wav_bytes(audio: np.ndarray) -> bytes:
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((audio * 32767).astype("<i2").tobytes())
-    return out.getvalue()
 
 
 @contextlib.contextmanager

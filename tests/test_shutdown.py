@@ -13,8 +13,7 @@ from websockets.exceptions import InvalidStatus
 from app.audio import decode_audio
 from loadtest.evalset import normalize
 from loadtest.stream import StreamClient, open_stream
-from tests.conftest import JFK, JFK_TEXT, Server
-from tests.test_faults import wav_bytes
+from tests.conftest import JFK, JFK_TEXT, Server, wav_bytes
 
 
 async def refusals_while_draining(server: Server) -> tuple[httpx.Response, httpx.Response, int]:
