@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: run test bench
 
@@ -15,7 +16,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m app
 
-test: $(STAMP)
+# tests/test_browser.py drives Debian's headless Chromium; installed once (CI runs as root on a fresh machine)
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+
+test: $(STAMP) $(CHROMIUM)
 	$(PY) -m pytest
 
 bench: $(STAMP)

@@ -14,7 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from app.auth import ApiKeyAuth
 from app.errors import install_error_handlers
 from app.limits import Admission, BodySizeLimit
-from app.routes import ops, stream, transcribe
+from app.routes import ops, page, stream, transcribe
 from app.service import Service
 from configs import Settings
 
@@ -64,4 +64,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(transcribe.router)
     app.include_router(stream.router)
     app.include_router(ops.router)
+    app.include_router(page.router)
     return app
