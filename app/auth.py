@@ -1,6 +1,7 @@
 """Optional API keys, for HTTP and WebSocket alike, checked before anything else runs.
 
-With ``ASR_API_KEYS`` set, every request outside ``ASR_AUTH_OPEN_PATHS`` must carry one of the keys:
+With ``ASR_API_KEYS`` set, every request outside ``ASR_AUTH_OPEN_PATHS`` (exact paths, or prefixes ending
+in ``*``) must carry one of the keys:
 ``Authorization: Bearer KEY``, or for a browser's WebSocket (which cannot set headers) an ``api_key``
 query parameter. Keys are compared in constant time, so response timing does not leak them.
 """
@@ -21,7 +22,8 @@ class ApiKeyAuth:
     def __init__(self, app: ASGIApp, keys: list[str], open_paths: list[str]):
         self.app = app
         self.keys = [key.encode() for key in keys]
-        self.open_paths = set(open_paths)
+        self.open_paths = {path for path in open_paths if not path.endswith("*")}
+        self.open_prefixes = tuple(path.removesuffix("*") for path in open_paths if path.endswith("*"))
 
     def _presented(self, scope: Scope) -> bytes | None:
         authorization = dict(scope["headers"]).get(b"authorization", b"")
@@ -33,13 +35,16 @@ class ApiKeyAuth:
             return values[0].encode() if values else None
         return None
 
+    def _open(self, path: str) -> bool:
+        return path in self.open_paths or path.startswith(self.open_prefixes)
+
     def _allowed(self, scope: Scope) -> bool:
         presented = self._presented(scope)
         # every key is compared, so the time taken does not say which one came close
         return presented is not None and sum(hmac.compare_digest(presented, key) for key in self.keys) > 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or scope["path"] in self.open_paths or self._allowed(scope):
+        if scope["type"] not in ("http", "websocket") or self._open(scope["path"]) or self._allowed(scope):
             await self.app(scope, receive, send)
             return
         how = "send 'Authorization: Bearer <key>'" + (" or the query parameter api_key" if scope["type"] == "websocket" else "")

@@ -8,13 +8,14 @@ import math
 import time
 from typing import TYPE_CHECKING
 
+from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import APIError
 
 if TYPE_CHECKING:
-    from app.service import Service
+    from app.service import ServedModel, Service
 
 
 LINGER_IDLE_S = 2.0  # a refused client that sends nothing for this long has stopped sending its body
@@ -79,11 +80,10 @@ class BodySizeLimit:
 
 class Admission:
     """Decides, before a transcription request's body is read, whether it comes in: not while the server
-    is loading or shutting down (503), nor while the pipeline is backed up (429): more windows waiting in
-    its queues than ASR_ADMISSION_MAX_WAITING, or the work in flight predicted to take longer than
-    ASR_ADMISSION_MAX_WAIT_S at the rate the pipeline has been finishing windows.
-    Reading a 50 MB upload only to refuse it would waste the time the backlog needs. Counts the admitted
-    requests in flight, which a graceful shutdown waits for."""
+    is loading or shutting down (503), nor for a model it does not serve (404), nor while that model's
+    pipeline is backed up (429, see :func:`backlog_refusal`). Reading a 50 MB upload only to refuse it
+    would waste the time the backlog needs. Counts the admitted requests in flight, which a graceful
+    shutdown waits for."""
 
     PATHS = ("/v1/transcribe", "/v1/audio/transcriptions")
 
@@ -95,7 +95,8 @@ class Admission:
         if not (scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.PATHS):
             await self.app(scope, receive, send)
             return
-        if (refusal := self.refusal()) is not None:
+        # the model is known here when the query names it; one named in a form is checked again once read
+        if (refusal := self.refusal(QueryParams(scope["query_string"]).get("model"))) is not None:
             await refuse_before_body(refusal, receive, send)
             return
         self.service.requests_in_flight += 1
@@ -104,19 +105,31 @@ class Admission:
         finally:
             self.service.requests_in_flight -= 1
 
-    def refusal(self) -> APIError | None:
-        service, settings = self.service, self.service.settings
+    def refusal(self, model: str | None) -> APIError | None:
+        service = self.service
         if (unavailable := service.unavailable()) is not None:
             service.metrics.rejected.labels(unavailable.code).inc()
             return unavailable
-        waiting, wait_s = service.backlog()
-        if waiting > settings.admission_max_waiting:
-            reason = f"{waiting} windows are waiting, over the limit of {settings.admission_max_waiting} (ASR_ADMISSION_MAX_WAITING)"
-        elif wait_s > settings.admission_max_wait_s:
-            reason = f"new work would wait about {wait_s:.1f} s, over the limit of {settings.admission_max_wait_s:g} s (ASR_ADMISSION_MAX_WAIT_S)"
-        else:
-            return None
-        service.metrics.rejected.labels("backlog").inc()
-        # by then about the excess has been worked off
-        retry_s = max(1, math.ceil(wait_s - settings.admission_max_wait_s))
-        return APIError(429, "overloaded", f"the service is at capacity: {reason}; retry later", {"Retry-After": str(retry_s)})
+        try:
+            served = service.model(model)
+        except APIError as not_found:
+            return not_found
+        return backlog_refusal(service, served)
+
+
+def backlog_refusal(service: Service, served: ServedModel) -> APIError | None:
+    """429 while the model's pipeline is backed up: more windows waiting in its queues than
+    ASR_ADMISSION_MAX_WAITING, or the work in flight predicted to take longer than ASR_ADMISSION_MAX_WAIT_S
+    at the rate the pipeline has been finishing windows."""
+    settings = service.settings
+    waiting, wait_s = served.backlog()
+    if waiting > settings.admission_max_waiting:
+        reason = f"{waiting} windows are waiting, over the limit of {settings.admission_max_waiting} (ASR_ADMISSION_MAX_WAITING)"
+    elif wait_s > settings.admission_max_wait_s:
+        reason = f"new work would wait about {wait_s:.1f} s, over the limit of {settings.admission_max_wait_s:g} s (ASR_ADMISSION_MAX_WAIT_S)"
+    else:
+        return None
+    service.metrics.rejected.labels("backlog").inc()
+    # by then about the excess has been worked off
+    retry_s = max(1, math.ceil(wait_s - settings.admission_max_wait_s))
+    return APIError(429, "overloaded", f"the model {served.name} is at capacity: {reason}; retry later", {"Retry-After": str(retry_s)})

@@ -1,12 +1,14 @@
 """Print the settings as a Markdown table (the README's table is this output)."""
 
+from pydantic_core import to_json
+
 from configs.settings import Settings
 
 
 def markdown_table() -> str:
     lines = ["| variable | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():
-        default = "unset" if field.default is None else f"`{field.default}`"
+        default = "unset" if field.default is None else f"`{to_json(field.default, exclude_none=True).decode() if isinstance(field.default, dict) else field.default}`"
         lines.append(f"| `ASR_{name.upper()}` | {default} | {field.description} |")
     return "\n".join(lines)
 

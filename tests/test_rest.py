@@ -17,7 +17,7 @@ from tests.conftest import EVAL, JFK, JFK_TEXT, Server
 def test_health_and_readiness(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
-    assert ready.status_code == 200 and ready.json()["model"] == "tiny.en"
+    assert ready.status_code == 200 and ready.json()["models"] == ["tiny.en"]
 
 
 def test_jfk_multipart(client: httpx.Client) -> None:
@@ -113,7 +113,7 @@ def test_windows_of_a_client_that_has_gone_are_dropped(server: Server) -> None:
     def acoustic_windows() -> float:
         text = httpx.get(f"{server.url}/metrics", timeout=10).text
         return next((s.value for f in text_string_to_metric_families(text) for s in f.samples
-                     if s.name == "asr_stage_batch_size_sum" and s.labels == {"stage": "acoustic"}), 0.0)
+                     if s.name == "asr_stage_batch_size_sum" and s.labels == {"model": "tiny.en", "stage": "acoustic"}), 0.0)
 
     before = acoustic_windows()
     with pytest.raises(httpx.ReadTimeout):

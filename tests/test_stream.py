@@ -258,10 +258,10 @@ def test_stream_metrics_are_exported(server: Server, jfk: np.ndarray) -> None:
     record = run(StreamClient(ws_url(server), speed=4.0).run_file(jfk))
     assert record.close_code == 1000
     m = metrics(server)
-    assert m[("asr_stream_final_latency_seconds_count", ())] >= 1
-    assert ("asr_stream_first_partial_latency_seconds_count", ()) in m
+    assert m[("asr_stream_final_latency_seconds_count", (("model", "tiny.en"),))] >= 1
+    assert ("asr_stream_first_partial_latency_seconds_count", (("model", "tiny.en"),)) in m
     assert m[("asr_stream_sessions_total", (("reason", "client_close"),))] >= 1
-    assert m[("asr_audio_processed_seconds_total", (("source", "stream"),))] >= 11.0
+    assert m[("asr_audio_processed_seconds_total", (("model", "tiny.en"), ("source", "stream")))] >= 11.0
     assert m[("asr_streams_active", ())] == 0
 
 

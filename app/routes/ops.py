@@ -1,10 +1,12 @@
-"""Operator endpoints: liveness, readiness, Prometheus metrics."""
+"""Operator endpoints: liveness, readiness, Prometheus metrics, the pipeline's state, the models served."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 
-from fastapi import APIRouter, Request, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -23,7 +25,7 @@ async def readyz(request: Request) -> JSONResponse:
     service = request.app.state.service
     if (unavailable := service.unavailable()) is not None:
         return unavailable.response()
-    return JSONResponse({"status": "ready", "model": service.model_name})
+    return JSONResponse({"status": "ready", "models": list(service.models), "default_model": service.settings.default_model_name})
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
@@ -31,13 +33,23 @@ async def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/pipeline", summary="The operator's view: each stage's pool, queue, latency, utilization and pressure; the bottleneck, budgets and the allocator's last decisions")
-async def pipeline(request: Request) -> JSONResponse:
+@router.get("/v1/models", summary="The models served: pass one's id as `model` to choose it (OpenAI's list format)")
+async def models(request: Request) -> JSONResponse:
     service = request.app.state.service
-    if service.pipeline is None:
-        return APIError(503, "loading", "the model is loading", {"Retry-After": "5"}).response()
-    profile = service.profiler.profile()
-    allocator = service.allocator
+    default = service.settings.default_model_name
+    return JSONResponse({"object": "list", "data": [{**served.describe(), "default": name == default}
+                                                    for name, served in service.models.items()]})
+
+
+@router.get("/v1/pipeline", summary="The operator's view of one model's pipeline: each stage's pool, queue, latency, utilization and pressure; the bottleneck, budgets and the allocator's last decisions")
+async def pipeline(request: Request, model: Annotated[str | None, Query(max_length=64, description="A served model's name; unset: the default model.")] = None) -> JSONResponse:
+    service = request.app.state.service
+    name = model or service.settings.default_model_name
+    if name in service.settings.models and name not in service.models:
+        return APIError(503, "loading", f"the model {name} is loading", {"Retry-After": "5"}).response()
+    served = service.model(name)
+    profile = served.profiler.profile()
+    allocator = served.allocator
     return JSONResponse({
         **profile.to_json(),
         "budgets": allocator.budgets(),
@@ -45,5 +57,5 @@ async def pipeline(request: Request) -> JSONResponse:
             "enabled": allocator.enabled, **asdict(allocator.policy),
             "decisions": [asdict(d) for d in reversed(allocator.decisions)],  # newest first
         },
-        "model": service.model_name,
+        "model": served.name,
     })

@@ -20,7 +20,7 @@ from starlette.websockets import WebSocketState
 
 from app.audio import PcmStream
 from app.errors import APIError
-from app.service import Service
+from app.service import ServedModel, Service
 from workers.streaming import Event, Final, Partial, StreamError, StreamOptions, StreamSession
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class StartMessage(BaseModel):
     language: str = Field("en", max_length=16)
     interim_results: bool = True
     endpoint_silence_ms: int | None = Field(None, ge=100, le=10_000)
+    model: str | None = Field(None, max_length=64)
 
 
 class BadOptions(ValueError):
@@ -65,13 +66,15 @@ class BadOptions(ValueError):
 
 
 def parse_start(data: dict, service: Service) -> StartMessage:
-    """Validate stream options (a start message or the query parameters); raises :class:`BadOptions`."""
+    """Validate stream options (a start message or the query parameters); raises :class:`BadOptions`, or
+    :class:`APIError` 404 for a model not served."""
     try:
         start = StartMessage.model_validate(data)
     except ValidationError as exc:
         raise BadOptions("; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in exc.errors())) from exc
-    if not service.pipeline.runner.tokenizer.has_language(start.language.lower()):
-        raise BadOptions(f"the model {service.model_name} does not transcribe language {start.language!r}")
+    served = service.model(start.model)  # 404 model_not_found for a model not served
+    if not served.transcribes(start.language.lower()):
+        raise BadOptions(f"the model {served.name} does not transcribe language {start.language!r}")
     return start
 
 
@@ -102,9 +105,13 @@ class StreamConnection:
         if self.task is not None:
             self.task.cancel()
 
+    @property
+    def served(self) -> ServedModel:
+        return self.service.model(self.start.model)  # parse_start made sure it is served
+
     def options(self) -> dict:
         endpoint_ms = self.start.endpoint_silence_ms or self.settings.stream_endpoint_silence_ms
-        return {"sample_rate": self.start.sample_rate, "encoding": self.start.encoding, "language": self.start.language,
+        return {"model": self.served.name, "sample_rate": self.start.sample_rate, "encoding": self.start.encoding, "language": self.start.language,
                 "interim_results": self.start.interim_results, "endpoint_silence_ms": endpoint_ms}
 
     def send(self, message: dict) -> None:
@@ -116,11 +123,11 @@ class StreamConnection:
     def emit(self, event: Event) -> None:
         """Session events -> wire messages (and latency metrics)."""
         if isinstance(event, Partial):
-            (self.metrics.first_partial_latency if event.first else self.metrics.partial_latency).observe(event.latency_s)
+            (self.metrics.first_partial_latency if event.first else self.metrics.partial_latency).labels(self.served.name).observe(event.latency_s)
             self.send({"type": "partial", "utterance": event.utterance, "text": event.text, "stable": event.stable,
                        "start": event.start})
         elif isinstance(event, Final):
-            self.metrics.final_latency.observe(event.latency_s)
+            self.metrics.final_latency.labels(self.served.name).observe(event.latency_s)
             self.send({"type": "final", "utterance": event.utterance, "text": event.text, "start": event.start,
                        "end": event.end, "reason": event.reason,
                        "segments": [{"start": s.start, "end": s.end, "text": s.text} for s in event.segments]})
@@ -131,7 +138,7 @@ class StreamConnection:
         if self.session is None:
             options = self.options()
             self.pcm = PcmStream(options["encoding"], options["sample_rate"])
-            self.session = self.service.streams.open(
+            self.session = self.served.streams.open(
                 StreamOptions(language=options["language"], interim_results=options["interim_results"],
                               endpoint_silence_s=options["endpoint_silence_ms"] / 1000), self.emit)
         return self.session
@@ -139,7 +146,7 @@ class StreamConnection:
     async def run(self) -> None:
         self.task = asyncio.current_task()
         sender = asyncio.create_task(self._send_loop())
-        self.send({"type": "ready", "session_id": self.id, "model": self.service.model_name, **self.options()})
+        self.send({"type": "ready", "session_id": self.id, **self.options()})
         reason, code, finish_work = "internal_error", CLOSE_INTERNAL, True
         try:
             reason, code = await self._receive_loop()
@@ -232,7 +239,7 @@ class StreamConnection:
         session = self._open()
         audio = self.pcm.decode(data)
         if len(audio):
-            self.metrics.audio_seconds.labels("stream").inc(len(audio) / 16000)
+            self.metrics.audio_seconds.labels(self.served.name, "stream").inc(len(audio) / 16000)
             await session.feed(audio)
 
     async def _flush(self) -> StreamSession:
@@ -256,7 +263,7 @@ class StreamConnection:
                 return False
             try:
                 self.start = parse_start(message, self.service)
-            except BadOptions as exc:
+            except (BadOptions, APIError) as exc:
                 self.error("bad_start", f"start message rejected, options unchanged: {exc}")
                 return False
             self.send({"type": "started", **self.options()})
@@ -291,6 +298,9 @@ async def stream(websocket: WebSocket) -> None:
         start = parse_start({k: v for k, v in websocket.query_params.items() if k != "api_key"}, service)
     except BadOptions as exc:
         await _refuse(websocket, APIError(400, "bad_options", f"stream options rejected: {exc}"))
+        return
+    except APIError as not_found:
+        await _refuse(websocket, not_found)
         return
     connection = StreamConnection(websocket, service, start)
     service.stream_connections.add(connection)  # the slot is taken before the first await

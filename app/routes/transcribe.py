@@ -11,14 +11,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from app.audio import decode_audio
 from app.errors import APIError
 from app.formats import ResponseFormat, service_json, to_srt, to_vtt, verbose_json
-from app.service import Service
+from app.limits import backlog_refusal
+from app.service import ServedModel, Service
+from configs.settings import OPENAI_ALIAS
 from workers.pipeline import Overloaded, Transcript
 from workers.scheduler import Priority
 from workers.stages import StageError
 
 router = APIRouter(tags=["transcription"])
-
-OPENAI_DEFAULT_MODEL = "whisper-1"  # what OpenAI clients send unless told otherwise: served by the default model
 
 
 def _service(request: Request) -> Service:
@@ -28,10 +28,10 @@ def _service(request: Request) -> Service:
     return service
 
 
-def _check_language(service: Service, language: str | None) -> str:
+def _check_language(served: ServedModel, language: str | None) -> str:
     language = (language or "en").lower()
-    if not service.pipeline.runner.tokenizer.has_language(language):
-        raise APIError(400, "unsupported_language", f"the model {service.model_name} does not transcribe language {language!r}")
+    if not served.transcribes(language):
+        raise APIError(400, "unsupported_language", f"the model {served.name} does not transcribe language {language!r}")
     return language
 
 
@@ -41,9 +41,10 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-async def _transcribe(request: Request, service: Service, data: bytes, language: str, prompt: str | None) -> Transcript:
+async def _transcribe(request: Request, service: Service, served: ServedModel, data: bytes, language: str,
+                      prompt: str | None) -> Transcript:
     audio = await asyncio.to_thread(decode_audio, data, service.settings.max_audio_s)
-    work = asyncio.ensure_future(service.pipeline.transcribe(audio, priority=Priority.BULK, language=language, prompt=prompt))
+    work = asyncio.ensure_future(served.pipeline.transcribe(audio, priority=Priority.BULK, language=language, prompt=prompt))
     gone = asyncio.ensure_future(_client_gone(request))
     service.transcriptions.add(work)  # a drain that runs out of time cancels it
     try:
@@ -66,7 +67,7 @@ async def _transcribe(request: Request, service: Service, data: bytes, language:
         raise APIError(429, "overloaded", f"the service is at capacity ({exc}); retry after a few seconds", {"Retry-After": "2"}) from exc
     except StageError as exc:
         raise APIError(500, "model_error", str(exc)) from exc
-    service.metrics.audio_seconds.labels("rest").inc(transcript.duration_s)
+    service.metrics.audio_seconds.labels(served.name, "rest").inc(transcript.duration_s)
     return transcript
 
 
@@ -82,9 +83,11 @@ async def transcribe(
     request: Request,
     language: Annotated[str | None, Query(max_length=16, description="Language code; the English-only default model takes 'en'.")] = None,
     prompt: Annotated[str | None, Query(description="Text that conditions the decoder: names, spellings, style.")] = None,
+    model: Annotated[str | None, Query(max_length=64, description="A served model's name (GET /v1/models); unset: the default model.")] = None,
 ) -> JSONResponse:
     service = _service(request)
-    language = _check_language(service, language)
+    served = service.model(model)
+    language = _check_language(served, language)
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form()
         upload = form.get("file")
@@ -93,8 +96,8 @@ async def transcribe(
         data = await upload.read()
     else:
         data = await request.body()
-    transcript = await _transcribe(request, service, data, language, prompt)
-    return JSONResponse(service_json(transcript, service.model_name, language))
+    transcript = await _transcribe(request, service, served, data, language, prompt)
+    return JSONResponse(service_json(transcript, served.name, language))
 
 
 @router.post("/v1/audio/transcriptions", summary="OpenAI-compatible transcription", responses={200: {
@@ -104,7 +107,7 @@ async def transcribe(
 async def openai_transcriptions(
     request: Request,
     file: Annotated[UploadFile, File(description="The audio file: wav, flac, mp3, ogg/opus, m4a, webm, ...")],
-    model: Annotated[str, Form(description="Model name; 'whisper-1' means the default model.")] = OPENAI_DEFAULT_MODEL,
+    model: Annotated[str, Form(description="A served model's name (GET /v1/models); 'whisper-1' means the default model.")] = OPENAI_ALIAS,
     language: Annotated[str | None, Form(max_length=16)] = None,
     prompt: Annotated[str | None, Form()] = None,
     temperature: Annotated[float, Form(ge=0, le=1)] = 0.0,
@@ -112,14 +115,15 @@ async def openai_transcriptions(
     timestamp_granularities: Annotated[list[str] | None, Form(alias="timestamp_granularities[]")] = None,
 ) -> Response:
     service = _service(request)
-    if model not in (OPENAI_DEFAULT_MODEL, service.model_name):
-        raise APIError(404, "model_not_found", f"no model {model!r}; this server serves {service.model_name!r} (or 'whisper-1')")
+    served = service.model(None if model == OPENAI_ALIAS else model)
+    if served.name != service.settings.default_model_name and (refusal := backlog_refusal(service, served)) is not None:
+        raise refusal  # admission, before the form was read, could only check the default model
     if temperature != 0:
         raise APIError(400, "unsupported_temperature", "only greedy decoding is served: send temperature 0")
     if set(timestamp_granularities or []) - {"segment"}:
         raise APIError(400, "unsupported_granularity", "only timestamp_granularities[]=segment is served")
-    language = _check_language(service, language)
-    transcript = await _transcribe(request, service, await file.read(), language, prompt)
+    language = _check_language(served, language)
+    transcript = await _transcribe(request, service, served, await file.read(), language, prompt)
     if response_format is ResponseFormat.text:
         return PlainTextResponse(transcript.text)
     if response_format is ResponseFormat.srt:
