@@ -21,14 +21,14 @@ def keyed_server():
 
 def test_requests_need_a_key_and_operator_paths_stay_open(keyed_server: Server) -> None:
     with httpx.Client(base_url=keyed_server.url, timeout=60) as client:
-        for path in ("/healthz", "/readyz", "/metrics"):
+        for path in ("/healthz", "/readyz", "/metrics", "/", "/static/app.js"):  # the page asks for a key itself
             assert client.get(path).status_code == 200, path
         files = {"file": ("jfk.flac", JFK.read_bytes())}
         missing = client.post("/v1/transcribe", files=files)
         wrong = client.post("/v1/transcribe", files=files, headers={"Authorization": "Bearer k-three"})
         right = client.post("/v1/transcribe", files=files, headers={"Authorization": "Bearer k-two"})
-        pipeline = client.get("/v1/pipeline")
-    for response in (missing, wrong, pipeline):
+        pipeline, models = client.get("/v1/pipeline"), client.get("/v1/models")
+    for response in (missing, wrong, pipeline, models):
         assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
         assert response.json()["error"]["code"] == "unauthorized"
     assert right.status_code == 200 and "country" in right.json()["text"]

@@ -169,7 +169,7 @@ def test_page_transcribes_a_microphone_and_shows_the_pipeline(server: Server, tm
     fake_microphone.write_bytes(wav_bytes(audio))
     (profile := tmp_path / "profile").mkdir()
     all_sent = f"{CLOCK_S} >= {len(audio) // 16000}"
-    model = httpx.get(f"{server.url}/readyz", timeout=10).json()["model"]
+    model = httpx.get(f"{server.url}/readyz", timeout=10).json()["default_model"]
 
     with chromium(profile, fake_microphone) as page:
         page.call("Page.navigate", url=f"{server.url}/")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -22,7 +23,8 @@ from app.audio import decode_audio
 from configs import Settings
 from loadtest.evalset import normalize
 from loadtest.stream import StreamClient, open_stream
-from tests.conftest import JFK, JFK_TEXT, Server, running_server
+from tests.conftest import JFK, JFK_TEXT, Server, running_server, wav_bytes
+from tests.test_browser import CHROMIUM, chromium
 from workers.runner import embedded_model_path
 
 COPY = "tiny.en-copy"
@@ -145,3 +147,25 @@ def test_a_bare_path_is_short_for_a_spec_and_the_first_model_is_the_default() ->
     settings = Settings(models={"b": "embedded", "a": {"path": "embedded", "cpu_slots": 3}})
     assert settings.default_model_name == "b"
     assert settings.models["b"].path == "embedded" and settings.models["a"].cpu_slots == 3
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Debian's chromium is not installed (make test installs it)")
+@pytest.mark.timeout(180)
+def test_the_page_offers_the_models_and_streams_to_the_one_picked(two_models: Server, tmp_path: Path) -> None:
+    fake_microphone = tmp_path / "jfk.wav"
+    fake_microphone.write_bytes(wav_bytes(decode_audio(JFK.read_bytes(), 60)[: 16000 * 3]))
+    (profile := tmp_path / "profile").mkdir()
+    with chromium(profile, fake_microphone) as page:
+        page.call("Page.navigate", url=f"{two_models.url}/")
+        options = page.wait_for("document.getElementById('model')?.hidden === false && "
+                                "[...document.getElementById('model').options].map((o) => o.value)", 20, "the model picker")
+        page.evaluate(f"document.getElementById('model').value = {COPY!r}")
+        page.evaluate("document.getElementById('start').click()")
+        page.wait_for("document.getElementById('status').dataset.kind === 'live'", 20, "the stream's ready event")
+        session = page.evaluate("document.getElementById('session').textContent")
+        panel = page.wait_for(f"document.getElementById('pipeline-meta').textContent.includes({COPY!r}) && "
+                              "document.getElementById('pipeline-meta').textContent", 10, "the panel on the picked model")
+        page.evaluate("document.getElementById('stop').click()")
+    assert options == ["tiny.en", COPY]
+    assert session.startswith(f"model {COPY} · session "), session
+    assert COPY in panel

@@ -307,11 +307,11 @@ function stop() {
   live.stop();
 }
 
-/** Fills the model picker from v1/models; a server without that endpoint serves one model, and the picker stays hidden. */
+/** Fills the model picker from v1/models; it shows only when the server offers a choice. */
 async function loadModels() {
   try {
     const response = await fetch('v1/models', { headers: authHeaders(), cache: 'no-store' });
-    if (!response.ok) return; // 404: one model; 401: tried again once a key is entered
+    if (!response.ok) return; // 401: tried again once a key is entered
     const { data } = await response.json();
     ui.model.replaceChildren(...data.map((model) => new Option(model.id, model.id, model.default, model.default)));
     ui.model.hidden = data.length < 2;
