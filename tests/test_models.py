@@ -33,7 +33,7 @@ MODELS = {"tiny.en": "embedded", COPY: {"path": str(embedded_model_path()), "cpu
 
 @pytest.fixture(scope="module")
 def two_models() -> Iterator[Server]:
-    with running_server(models=json.dumps(MODELS), allocator_gpu_slots="4") as server:
+    with running_server(models=json.dumps(MODELS), allocator_gpu_slots="4", admission_max_waiting="8") as server:
         yield server
 
 
@@ -101,6 +101,26 @@ def test_an_unknown_model_is_404_everywhere(two_models: Server) -> None:
         asyncio.run(handshake())
     assert refused.value.response.status_code == 404
     assert json.loads(refused.value.response.body)["error"]["code"] == "model_not_found"
+
+
+def test_a_backed_up_model_refuses_while_the_other_admits(two_models: Server) -> None:
+    eleven_minutes = wav_bytes(np.tile(decode_audio(JFK.read_bytes(), 60), 60))
+
+    async def main() -> tuple[httpx.Response, httpx.Response, float]:
+        async with httpx.AsyncClient(base_url=two_models.url, timeout=120) as client:
+            flood = asyncio.create_task(client.post("/v1/transcribe", params={"model": COPY}, content=eleven_minutes))
+            while (in_flight := samples(two_models).get(("asr_windows_in_flight", (("model", COPY),)), 0)) <= 8:
+                await asyncio.sleep(0.1)
+            refused = await client.post("/v1/transcribe", params={"model": COPY}, content=JFK.read_bytes())
+            admitted = await client.post("/v1/transcribe", content=JFK.read_bytes())
+            flood.cancel()  # the client goes: its windows still queued are dropped
+            return refused, admitted, in_flight
+
+    refused, admitted, in_flight = asyncio.run(main())
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "overloaded", refused.text
+    assert f"the model {COPY} is at capacity" in refused.json()["error"]["message"]
+    assert admitted.status_code == 200 and admitted.json()["model"] == "tiny.en", (in_flight, admitted.text)
+    assert normalize(admitted.json()["text"]) == JFK_TEXT
 
 
 def test_a_stream_chooses_its_model_by_query_or_start_message(two_models: Server) -> None:
