@@ -268,7 +268,6 @@ def test_dashboards_query_only_exported_metrics_and_labels(series: dict[str, set
     assert not failed, "\n" + summary(failed)
 
 
-@pytest.mark.skipif(not K8S_MANIFESTS, reason="no manifest under deploy/k8s/ yet")
 def test_k8s_rules_name_only_exported_metrics(series: dict[str, set[str]]) -> None:
     queries = [query for path in K8S_MANIFESTS for query in k8s_queries(path)]
     assert queries, f"no {sorted(K8S_QUERY_KEYS)} in deploy/k8s/: the adapter rules moved where this test does not look"
