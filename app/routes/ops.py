@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict
-
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.errors import APIError
 
 router = APIRouter(tags=["operations"])
 
@@ -44,10 +42,7 @@ async def models(request: Request) -> JSONResponse:
 @router.get("/v1/pipeline", summary="The operator's view of one model's pipeline: each stage's pool, queue, latency, utilization and pressure; the bottleneck, budgets and the allocator's last decisions")
 async def pipeline(request: Request, model: Annotated[str | None, Query(max_length=64, description="A served model's name; unset: the default model.")] = None) -> JSONResponse:
     service = request.app.state.service
-    name = model or service.settings.default_model_name
-    if name in service.settings.models and name not in service.models:
-        return APIError(503, "loading", f"the model {name} is loading", {"Retry-After": "5"}).response()
-    served = service.model(name)
+    served = service.model(model)  # answers while the server drains too: operators watch it empty
     profile = served.profiler.profile()
     allocator = served.allocator
     return JSONResponse({

@@ -65,9 +65,9 @@ class BadOptions(ValueError):
     pass
 
 
-def parse_start(data: dict, service: Service) -> StartMessage:
-    """Validate stream options (a start message or the query parameters); raises :class:`BadOptions`, or
-    :class:`APIError` 404 for a model not served."""
+def parse_start(data: dict, service: Service) -> tuple[StartMessage, ServedModel]:
+    """Validate stream options (a start message or the query parameters) and find the model they name;
+    raises :class:`BadOptions`, or :class:`APIError` 404 for a model not served."""
     try:
         start = StartMessage.model_validate(data)
     except ValidationError as exc:
@@ -75,18 +75,18 @@ def parse_start(data: dict, service: Service) -> StartMessage:
     served = service.model(start.model)  # 404 model_not_found for a model not served
     if not served.transcribes(start.language.lower()):
         raise BadOptions(f"the model {served.name} does not transcribe language {start.language!r}")
-    return start
+    return start, served
 
 
 class StreamConnection:
     """One client: reads its messages, feeds its session, and is the only writer to its socket."""
 
-    def __init__(self, websocket: WebSocket, service: Service, start: StartMessage):
+    def __init__(self, websocket: WebSocket, service: Service, start: StartMessage, served: ServedModel):
         self.websocket = websocket
         self.service = service
         self.settings = service.settings
         self.metrics = service.metrics
-        self.start = start
+        self.start, self.served = start, served
         self.session: StreamSession | None = None  # opened at the first audio or control message
         self.pcm: PcmStream | None = None
         self.outbox: asyncio.Queue[dict | None] = asyncio.Queue()
@@ -104,10 +104,6 @@ class StreamConnection:
         """Hard end (the drain ran out of time): pending work is dropped, the client still gets 1001."""
         if self.task is not None:
             self.task.cancel()
-
-    @property
-    def served(self) -> ServedModel:
-        return self.service.model(self.start.model)  # parse_start made sure it is served
 
     def options(self) -> dict:
         endpoint_ms = self.start.endpoint_silence_ms or self.settings.stream_endpoint_silence_ms
@@ -262,7 +258,7 @@ class StreamConnection:
                 self.error("bad_message", "start must be the first message of the stream")
                 return False
             try:
-                self.start = parse_start(message, self.service)
+                self.start, self.served = parse_start(message, self.service)
             except (BadOptions, APIError) as exc:
                 self.error("bad_start", f"start message rejected, options unchanged: {exc}")
                 return False
@@ -295,14 +291,14 @@ async def stream(websocket: WebSocket) -> None:
         return
     try:
         # api_key is the authentication middleware's business, not a stream option
-        start = parse_start({k: v for k, v in websocket.query_params.items() if k != "api_key"}, service)
+        start, served = parse_start({k: v for k, v in websocket.query_params.items() if k != "api_key"}, service)
     except BadOptions as exc:
         await _refuse(websocket, APIError(400, "bad_options", f"stream options rejected: {exc}"))
         return
     except APIError as not_found:
         await _refuse(websocket, not_found)
         return
-    connection = StreamConnection(websocket, service, start)
+    connection = StreamConnection(websocket, service, start, served)
     service.stream_connections.add(connection)  # the slot is taken before the first await
     try:
         await websocket.accept()
