@@ -9,6 +9,7 @@ import socket
 
 import uvicorn
 
+from app.connections import CUT_REASONS, ConnectionGuard, ConnectionLimits, connection_cap
 from app.main import create_app
 from app.service import Service
 from configs import Settings
@@ -24,6 +25,16 @@ def limit_malloc_arenas(arenas: int) -> None:
     if arenas:
         with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
             ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
+
+
+class RefusedHandshakeFilter(logging.Filter):
+    """Drops uvicorn's "ASGI callable returned without completing handshake." ERROR, which its websockets
+    protocol logs after every handshake the app refuses with an HTTP response (the client gets that
+    response; Kludex/uvicorn#3138). Refusals are counted in asr_rejected_requests_total, and an attacker
+    must not be able to write a log line per connection. Every stream route here accepts or refuses."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != "ASGI callable returned without completing handshake."
 
 
 class DrainingServer(uvicorn.Server):
@@ -48,12 +59,22 @@ def main() -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per webhook delivery would drown the log
     app = create_app(settings)
+    metrics = app.state.service.metrics
+    guard = ConnectionGuard(ConnectionLimits(settings.header_timeout_s, settings.body_min_rate_bytes_s, settings.body_grace_s,
+                                             settings.upload_timeout_s, connection_cap(settings.max_connections)),
+                            on_cut=lambda reason: metrics.connections_cut.labels(reason).inc())
+    metrics.connections_open.set_function(guard.open_connections)
+    for reason in CUT_REASONS:  # exported from the start, so a panel shows zeros rather than no data
+        metrics.connections_cut.labels(reason)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            http=guard.protocol_class(), forwarded_allow_ips=settings.forwarded_allow_ips,
                             timeout_graceful_shutdown=AFTER_DRAIN_S,
                             # the stream route answers frames over ASR_STREAM_MAX_FRAME_BYTES itself (error event,
                             # close 1009); uvicorn's own limit only stops frames too large to even hold in memory
                             ws_max_size=max(16 << 20, 2 * settings.stream_max_frame_bytes))
-    DrainingServer(config, app.state.service).run()
+    server = DrainingServer(config, app.state.service)
+    logging.getLogger("uvicorn.error").addFilter(RefusedHandshakeFilter())  # after uvicorn's Config set up its loggers
+    server.run()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,18 @@ from starlette.websockets import WebSocket
 from app.errors import error_body
 
 
+def presented_key(scope: Scope) -> bytes | None:
+    """The key a request carries, checked or not."""
+    authorization = dict(scope["headers"]).get(b"authorization", b"")
+    scheme, _, token = authorization.partition(b" ")
+    if scheme.lower() == b"bearer" and token:
+        return token.strip()
+    if scope["type"] == "websocket":
+        values = parse_qs(scope.get("query_string", b"").decode()).get("api_key")
+        return values[0].encode() if values else None
+    return None
+
+
 class ApiKeyAuth:
     def __init__(self, app: ASGIApp, keys: list[str], open_paths: list[str]):
         self.app = app
@@ -25,21 +37,11 @@ class ApiKeyAuth:
         self.open_paths = {path for path in open_paths if not path.endswith("*")}
         self.open_prefixes = tuple(path.removesuffix("*") for path in open_paths if path.endswith("*"))
 
-    def _presented(self, scope: Scope) -> bytes | None:
-        authorization = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = authorization.partition(b" ")
-        if scheme.lower() == b"bearer" and token:
-            return token.strip()
-        if scope["type"] == "websocket":
-            values = parse_qs(scope.get("query_string", b"").decode()).get("api_key")
-            return values[0].encode() if values else None
-        return None
-
     def _open(self, path: str) -> bool:
         return path in self.open_paths or path.startswith(self.open_prefixes)
 
     def _allowed(self, scope: Scope) -> bool:
-        presented = self._presented(scope)
+        presented = presented_key(scope)
         # every key is compared, so the time taken does not say which one came close
         return presented is not None and sum(hmac.compare_digest(presented, key) for key in self.keys) > 0
 

@@ -1,17 +1,22 @@
-"""Limits applied before a request body is read: its size (enforced while it streams in) and admission."""
+"""Limits applied before a request body is read: its size (enforced while it streams in), admission,
+and each client's request rate."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.websockets import WebSocket
 
+from app.auth import presented_key
 from app.errors import APIError
 
 if TYPE_CHECKING:
@@ -20,6 +25,44 @@ if TYPE_CHECKING:
 
 LINGER_IDLE_S = 2.0  # a refused client that sends nothing for this long has stopped sending its body
 LINGER_MAX_S = 10.0  # ... and none is read for longer than this
+MAX_TRACKED_CLIENTS = 10_000  # past this many, the rate limiter forgets the clients whose bucket is full again
+
+
+class TokenBucket:
+    """At most ``rate`` events per second on average, ``burst`` of them at once."""
+
+    def __init__(self, rate: float, burst: float):
+        self.rate, self.capacity = rate, burst
+        self.tokens, self.updated = burst, time.monotonic()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
+        self.updated = now
+
+    def allow(self) -> bool:
+        self._refill()
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    def retry_after_s(self) -> float:
+        """How long until the next event is allowed."""
+        return max(0.0, (1 - self.tokens) / self.rate)
+
+    def full(self) -> bool:
+        self._refill()
+        return self.tokens >= self.capacity
+
+
+def client_identity(scope: Scope, keyed: bool) -> str:
+    """Who a request comes from, for per-client limits: its API key when keys are in use (a digest, never
+    the key), else its address (the proxy's X-Forwarded-For where ASR_FORWARDED_ALLOW_IPS trusts it)."""
+    if keyed and (key := presented_key(scope)) is not None:
+        return "key:" + hashlib.sha256(key).hexdigest()[:16]
+    client = scope.get("client")
+    return "address:" + (client[0] if client else "unknown")
 
 
 async def refuse_before_body(error: APIError, receive: Receive, send: Send) -> None:
@@ -110,6 +153,9 @@ class Admission:
         if (unavailable := service.unavailable()) is not None:
             service.metrics.rejected.labels(unavailable.code).inc()
             return unavailable
+        if (busy := service.decoder.refusal()) is not None:
+            service.metrics.rejected.labels("decoders_busy").inc()
+            return busy
         try:
             served = service.model(model)
         except APIError as not_found:
@@ -133,3 +179,40 @@ def backlog_refusal(service: Service, served: ServedModel) -> APIError | None:
     # by then about the excess has been worked off
     retry_s = max(1, math.ceil(wait_s - settings.admission_max_wait_s))
     return APIError(429, "overloaded", f"the model {served.name} is at capacity: {reason}; retry later", {"Retry-After": str(retry_s)})
+
+
+class ClientRateLimit:
+    """Each client (see :func:`client_identity`) may send ASR_CLIENT_MAX_REQUESTS_PER_S API requests per
+    second on average, ASR_CLIENT_REQUEST_BURST at once; past it: 429 ``rate_limited`` with Retry-After,
+    and a stream handshake is refused the same way."""
+
+    PREFIX = "/v1/"
+
+    def __init__(self, app: ASGIApp, rate: float, burst: int, keyed: bool, on_refused: Callable[[], None]):
+        self.app, self.rate, self.burst, self.keyed, self.on_refused = app, rate, burst, keyed, on_refused
+        self.buckets: dict[str, TokenBucket] = {}
+
+    def _bucket(self, client: str) -> TokenBucket:
+        if (bucket := self.buckets.get(client)) is None:
+            if len(self.buckets) >= MAX_TRACKED_CLIENTS:  # a full bucket is what a new one would be: forget it
+                self.buckets = {c: b for c, b in self.buckets.items() if not b.full()}
+                if len(self.buckets) >= MAX_TRACKED_CLIENTS:  # that many busy clients (IPv6 makes addresses cheap): the oldest half goes
+                    self.buckets = dict(list(self.buckets.items())[MAX_TRACKED_CLIENTS // 2 :])
+            bucket = self.buckets[client] = TokenBucket(self.rate, self.burst)
+        return bucket
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or not scope["path"].startswith(self.PREFIX):
+            await self.app(scope, receive, send)
+            return
+        bucket = self._bucket(client_identity(scope, self.keyed))
+        if bucket.allow():
+            await self.app(scope, receive, send)
+            return
+        self.on_refused()
+        error = APIError(429, "rate_limited", f"more than {self.rate:g} requests per second from this client "
+                         "(ASR_CLIENT_MAX_REQUESTS_PER_S); slow down", {"Retry-After": str(max(1, math.ceil(bucket.retry_after_s())))})
+        if scope["type"] == "websocket":
+            await WebSocket(scope, receive, send).send_denial_response(error.response())
+        else:
+            await refuse_before_body(error, receive, send)

@@ -13,7 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from app.auth import ApiKeyAuth
 from app.errors import install_error_handlers
-from app.limits import Admission, BodySizeLimit
+from app.limits import Admission, BodySizeLimit, ClientRateLimit
 from app.routes import ops, page, stream, transcribe
 from app.service import Service
 from configs import Settings
@@ -46,6 +46,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(Admission, service=service)
+    if settings.client_max_requests_per_s:  # inside the keys: a caller without one is refused before it spends a request
+        app.add_middleware(ClientRateLimit, rate=settings.client_max_requests_per_s, burst=settings.client_request_burst,
+                           keyed=bool(settings.api_keys), on_refused=service.metrics.rejected.labels("client_rate").inc)
     if settings.api_keys:  # nothing past this runs for a caller without a key
         app.add_middleware(ApiKeyAuth, keys=_csv(settings.api_keys), open_paths=_csv(settings.auth_open_paths))
     if settings.cors_origins:  # outside the keys: a browser's preflight carries none

@@ -42,6 +42,10 @@ class Metrics:
         self.predicted_wait = Gauge("asr_admission_predicted_wait_seconds", "How long work admitted now would wait for the windows in flight (the admission signal; a scaling signal).", ["model"], registry=r)
         self.windows_in_flight = Gauge("asr_windows_in_flight", "Windows submitted to the pipeline and not finished.", ["model"], registry=r)
         self.rejected = Counter("asr_rejected_requests", "Requests refused before any model work, by reason.", ["reason"], registry=r)
+        self.connections_open = Gauge("asr_connections_open", "Open client connections (HTTP and WebSocket).", registry=r)
+        self.connections_cut = Counter("asr_connections_cut", "Connections the server closed for their client's slowness or for room, by reason "
+                                       "(header_timeout, body_too_slow, upload_timeout, connection_limit, evicted).", ["reason"], registry=r)
+        self.decodes_in_flight = Gauge("asr_audio_decodes_in_flight", "Uploaded files being decoded or waiting for a decoding thread.", registry=r)
         self.allocator_decisions = Counter("asr_allocator_decisions", "Allocator decisions by stage and action (grow, shrink, hold).", ["model", "stage", "action"], registry=r)
         self.webhook_failures = Counter("asr_webhook_failures", "Segments the post stage could not deliver to ASR_POST_WEBHOOK_URL.", registry=r)
         self.streams_active = Gauge("asr_streams_active", "Live streams now connected.", registry=r)

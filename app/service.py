@@ -14,6 +14,7 @@ from configs import Settings
 from configs.settings import EMBEDDED, ModelSpec
 from allocator.greedy import AllocatorPolicy, GreedyAllocator
 from allocator.profiler import PressureWeights, StageProfiler
+from app.audio import AudioDecoder
 from app.errors import APIError
 from app.metrics import Metrics, StageMetrics
 from app.webhook import WebhookDelivery
@@ -78,6 +79,12 @@ class Service:
     transcriptions: set[asyncio.Future] = field(default_factory=set)  # their pipeline work
     load_failed: bool = False
     draining: bool = False
+    decoder: AudioDecoder = field(init=False)  # uploads -> PCM, on threads of its own
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        self.decoder = AudioDecoder(s.decode_workers, s.decode_max_waiting, s.decode_timeout_s, s.max_audio_s)
+        self.metrics.decodes_in_flight.set_function(lambda: self.decoder.in_flight)
 
     @property
     def ready(self) -> bool:
@@ -188,3 +195,4 @@ class Service:
             await served.stop()
         if self.webhook is not None:
             await self.webhook.close()
+        self.decoder.close()

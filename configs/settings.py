@@ -55,9 +55,22 @@ class Settings(BaseSettings):
     malloc_arenas: int = Field(2, ge=0, description="glibc malloc arenas (M_ARENA_MAX); few keep the memory freed by many threads from piling up; 0: glibc's default (8 per core).")
     cpu_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: one per core.")
 
+    # connections: what a slow or idle client may hold (each cut is counted in asr_connections_cut_total)
+    header_timeout_s: float = Field(10.0, gt=0, description="A connection's request headers must be complete this long after it opens (or after its last response); else it is closed, with 408 if part of a request came.")
+    body_min_rate_bytes_s: float = Field(4096.0, ge=0, description="Least average rate of a request body once past ASR_BODY_GRACE_S; a slower upload gets 408 and its connection closed. 0: no least rate.")
+    body_grace_s: float = Field(10.0, gt=0, description="How long a request body may arrive slower than ASR_BODY_MIN_RATE_BYTES_S before the rate is enforced.")
+    upload_timeout_s: float = Field(300.0, gt=0, description="Longest a request body may take to arrive, whatever its rate (408 and the connection closed past it).")
+    max_connections: int = Field(0, ge=0, description="Most open connections (HTTP and WebSocket); past it the connection waiting longest for its headers is closed to make room, else the new one. 0: the process's file limit (raised to its hard value at start) less an eighth, at least 128, of headroom.")
+    forwarded_allow_ips: str = Field("127.0.0.1", description="Comma-separated addresses of proxies whose X-Forwarded-For is trusted for the client's address (per-client limits use it); '*' trusts any.")
+
     # REST input limits
     max_upload_bytes: int = Field(50 * 1024 * 1024, gt=0, description="Largest accepted request body, enforced while it is read (413 past it).")
     max_audio_s: float = Field(1800.0, gt=0, description="Longest accepted audio, in seconds of sound (413 past it).")
+    decode_workers: int = Field(2, ge=1, description="Threads decoding uploaded files (their own pool: one slow file cannot hold anyone else's).")
+    decode_max_waiting: int = Field(8, ge=0, description="Uploads that may wait for a decoding thread; past it requests are refused with 429 (before their body is read).")
+    decode_timeout_s: float = Field(30.0, gt=0, description="Longest the decoding of one file may take (400 decode_timeout past it); it holds its thread no longer.")
+    client_max_requests_per_s: float = Field(0.0, ge=0, description="Most API requests (under /v1/, stream handshakes included) per second per client: its API key, or its address without keys; 429 with Retry-After past it. 0: no limit.")
+    client_request_burst: int = Field(20, ge=1, description="Requests a client may send at once before ASR_CLIENT_MAX_REQUESTS_PER_S applies.")
 
     # stage pools: asyncio workers per stage, each stage with its own executor threads
     features_workers: int = Field(1, ge=1, description="Workers (threads) computing log-mel features.")
@@ -107,11 +120,13 @@ class Settings(BaseSettings):
     # who may call
     api_keys: str | None = Field(None, description="Comma-separated API keys; unset: no authentication. Clients send 'Authorization: Bearer KEY' (WebSockets may use ?api_key=KEY).")
     auth_open_paths: str = Field("/healthz,/readyz,/metrics,/,/static/*", description="Comma-separated paths that need no key even when ASR_API_KEYS is set; a trailing * makes a prefix. The web page (/ and /static/*) is open: it asks for a key before it calls the API.")
-    cors_origins: str | None = Field(None, description="Comma-separated origins browsers may call from ('*' for any); unset: no CORS headers, so browsers on other origins are refused.")
+    cors_origins: str | None = Field(None, description="Comma-separated origins browsers may call from ('*' for any); unset: no CORS headers, so browsers on other origins are refused. When set, a WebSocket handshake from an Origin not listed (nor the server's own) is refused with 403.")
 
     # live streams over /v1/stream
     stream_max_sessions: int = Field(16, ge=1, description="Most concurrent streams; past it the handshake is refused with 503.")
     stream_idle_timeout_s: float = Field(30.0, gt=0, description="A stream that sends nothing for this long is closed (error idle_timeout, close code 1008).")
+    stream_first_audio_timeout_s: float = Field(10.0, gt=0, description="A stream that sends no audio this long after its handshake is closed (error no_audio, close code 1008), so idle sockets cannot hold the stream slots.")
+    stream_max_sessions_per_client: int = Field(0, ge=0, description="Most concurrent streams per client (its API key, or its address without keys); past it the handshake is refused with 429. 0: no limit but ASR_STREAM_MAX_SESSIONS.")
     stream_max_session_s: float = Field(4 * 3600.0, gt=0, description="Longest a stream may stay open (error session_too_long, close code 1008).")
     stream_max_messages_per_s: float = Field(200.0, gt=0, description="Most messages (audio frames and control messages) a stream may send per second, averaged over 2 s (error rate_limited, close code 1008 past it).")
     stream_max_frame_bytes: int = Field(1 << 20, ge=1024, description="Largest message a client may send (close code 1009 past it).")

@@ -80,8 +80,8 @@ def _port_is_free(port: int) -> bool:
     return True
 
 
-def start_server(port: int, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    """Start `python -m app` on 127.0.0.1:port and wait until /readyz answers 200.
+def start_server(port: int, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start `python -m app` on 127.0.0.1:port, in `cwd` (default: ours), and wait until /readyz answers 200.
 
     The port must be free first: otherwise a server already listening there would pass the readiness
     check and be benchmarked in place of ours. The server's stdout goes to our stderr so that its logs
@@ -90,7 +90,7 @@ def start_server(port: int, env: dict[str, str] | None = None) -> subprocess.Pop
     if not _port_is_free(port):
         raise RuntimeError(f"port {port} is in use: pass --port, or --url to benchmark that server")
     env = {**os.environ, **(env or {}), "ASR_HOST": "127.0.0.1", "ASR_PORT": str(port)}
-    proc = subprocess.Popen([sys.executable, "-m", "app"], env=env, stdout=sys.stderr)
+    proc = subprocess.Popen([sys.executable, "-m", "app"], env=env, stdout=sys.stderr, cwd=cwd)  # the package is installed: any cwd works
     url = f"http://127.0.0.1:{port}"
     log(f"started server pid {proc.pid}; waiting for {url}/readyz")
     deadline = time.monotonic() + READY_TIMEOUT_S

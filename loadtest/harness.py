@@ -167,12 +167,14 @@ class Target:
 
 
 @contextlib.contextmanager
-def target_server(url: str | None, port: int, pid: int | None = None) -> Iterator[Target]:
-    """The running server at `url`, or, without `url`, one started here on `port` and stopped on exit."""
+def target_server(url: str | None, port: int, pid: int | None = None, env: dict[str, str] | None = None,
+                  cwd: Path | None = None) -> Iterator[Target]:
+    """The running server at `url`, or, without `url`, one started here on `port` (with `env` on top of
+    SERVER_ENV, in `cwd`) and stopped on exit."""
     if url is not None:
         yield Target(url.rstrip("/"), pid)
         return
-    proc = start_server(port, SERVER_ENV)
+    proc = start_server(port, {**SERVER_ENV, **(env or {})}, cwd)
     try:
         yield Target(f"http://127.0.0.1:{port}", proc.pid)
     finally:

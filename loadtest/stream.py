@@ -240,14 +240,17 @@ async def open_stream(
     encoding: str = "pcm_s16le",
     start_options: Json | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    connect_options: Json | None = None,
 ) -> AsyncIterator[LiveStream]:
     """Connect to the stream endpoint. Without `start_options` the sample rate and encoding go as
     query parameters; with them (even {}), in a first `start` message together with those options.
     A refused handshake raises `InvalidStatus`. No proxy, no compression (the client should cost the
-    machine little) and no keepalive pings (a busy server must not look like a dead one)."""
+    machine little) and no keepalive pings (a busy server must not look like a dead one).
+    `connect_options` go to websockets' `connect` as they are: an `origin`, or a `local_addr` to
+    connect from (another loopback address is another client to per-client limits)."""
     if start_options is None:
         url = with_query(url, {"sample_rate": sample_rate, "encoding": encoding})
-    async with connect(url, open_timeout=timeout_s, ping_interval=None, compression=None, proxy=None) as ws:
+    async with connect(url, open_timeout=timeout_s, ping_interval=None, compression=None, proxy=None, **(connect_options or {})) as ws:
         session = LiveStream(ws, encoding)
         if start_options is not None:
             start = {"type": "start", "sample_rate": sample_rate, "encoding": encoding, **start_options}
@@ -260,7 +263,8 @@ EventFn = Callable[[StreamRecord, int], None]
 
 class StreamClient:
     """Plays audio to the stream endpoint, one session per `run_file` call (calls may run concurrently).
-    `timeout_s` bounds each wait on the server: connecting, `ready`, and the close after the last frame."""
+    `timeout_s` bounds each wait on the server: connecting, `ready`, and the close after the last frame;
+    `connect_options` are `open_stream`'s."""
 
     def __init__(
         self,
@@ -272,11 +276,13 @@ class StreamClient:
         speed: float = 1.0,
         start_options: Json | None = None,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        connect_options: Json | None = None,
     ):
         if frame_ms <= 0 or speed < 0:
             raise ValueError(f"need frame_ms > 0 and speed >= 0, got {frame_ms} and {speed}")
         self.url, self.sample_rate, self.encoding = url, sample_rate, encoding
         self.frame_ms, self.speed, self.start_options, self.timeout_s = frame_ms, speed, start_options, timeout_s
+        self.connect_options = connect_options
 
     async def run_file(
         self, audio: np.ndarray, *, finalize: bool = True, on_event: EventFn | None = None
@@ -292,6 +298,7 @@ class StreamClient:
                 encoding=self.encoding,
                 start_options=self.start_options,
                 timeout_s=self.timeout_s,
+                connect_options=self.connect_options,
             ) as session:
                 await self._exchange(session, audio, record, finalize, on_event)
             record.close_code, record.close_reason = session.close_code, session.close_reason

@@ -55,12 +55,12 @@ def free_port() -> int:
 class Server:
     """A real server process; ``url`` is its base URL."""
 
-    def __init__(self, **settings: str):
+    def __init__(self, cwd: Path = ROOT, **settings: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "ASR_HOST": "127.0.0.1", "ASR_PORT": str(self.port), "ASR_LOG_LEVEL": "warning",
                **{f"ASR_{k.upper()}": v for k, v in settings.items()}}
-        self.process = subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env)
+        self.process = subprocess.Popen([sys.executable, "-m", "app"], cwd=cwd, env=env)  # the package is installed: any cwd works
 
     def wait_ready(self, timeout_s: float = 180) -> None:
         deadline = time.monotonic() + timeout_s
@@ -84,9 +84,9 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(**settings: str) -> Iterator[Server]:
-    """A ready server with these settings, stopped on exit."""
-    s = Server(**settings)
+def running_server(cwd: Path = ROOT, **settings: str) -> Iterator[Server]:
+    """A ready server with these settings, run in ``cwd``, stopped on exit."""
+    s = Server(cwd, **settings)
     try:
         s.wait_ready()
         yield s

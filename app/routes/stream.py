@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from typing import Literal
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, WebSocket
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -20,6 +21,7 @@ from starlette.websockets import WebSocketState
 
 from app.audio import PcmStream
 from app.errors import APIError
+from app.limits import TokenBucket, client_identity
 from app.service import ServedModel, Service
 from workers.streaming import Event, Final, Partial, StreamError, StreamOptions, StreamSession
 
@@ -29,23 +31,7 @@ router = APIRouter(tags=["streaming"])
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_INTERNAL = 1000, 1001, 1008, 1009, 1011
 DRAIN_TIMEOUT_S = 60.0  # longest the last final may take once the stream is closing
 RATE_BURST_S = 2.0  # the message-rate limit is an average over this long
-
-
-class TokenBucket:
-    """At most ``rate`` events per second on average, ``rate * burst_s`` of them at once."""
-
-    def __init__(self, rate: float, burst_s: float):
-        self.rate, self.capacity = rate, rate * burst_s
-        self.tokens, self.updated = self.capacity, time.monotonic()
-
-    def allow(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
+CLOCK_SLACK_S = 0.01  # asyncio may wake a timeout this much early
 
 
 class StartMessage(BaseModel):
@@ -81,8 +67,9 @@ def parse_start(data: dict, service: Service) -> tuple[StartMessage, ServedModel
 class StreamConnection:
     """One client: reads its messages, feeds its session, and is the only writer to its socket."""
 
-    def __init__(self, websocket: WebSocket, service: Service, start: StartMessage, served: ServedModel):
+    def __init__(self, websocket: WebSocket, service: Service, start: StartMessage, served: ServedModel, client: str):
         self.websocket = websocket
+        self.client = client  # whom per-client limits count it for
         self.service = service
         self.settings = service.settings
         self.metrics = service.metrics
@@ -94,7 +81,8 @@ class StreamConnection:
         self.task: asyncio.Task | None = None
         self._stopping = asyncio.Event()
         # a few seconds of burst: a client catching up after a network stall sends faster than it records
-        self.rate = TokenBucket(service.settings.stream_max_messages_per_s, burst_s=RATE_BURST_S)
+        self.rate = TokenBucket(service.settings.stream_max_messages_per_s, service.settings.stream_max_messages_per_s * RATE_BURST_S)
+        self.heard_audio = False  # until then the first-audio timeout runs
 
     def stop(self) -> None:
         """Graceful end (the server is draining): the audio received so far gets its final, then 1001."""
@@ -183,32 +171,38 @@ class StreamConnection:
 
     async def _receive_loop(self) -> tuple[str, int | None]:
         settings = self.settings
-        deadline = time.monotonic() + settings.stream_max_session_s
+        opened = time.monotonic()
+        deadline, first_audio_deadline = opened + settings.stream_max_session_s, opened + settings.stream_first_audio_timeout_s
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
             while True:
-                left = deadline - time.monotonic()
+                now = time.monotonic()
+                wait = min(settings.stream_idle_timeout_s, deadline - now)
+                if not self.heard_audio:
+                    wait = min(wait, first_audio_deadline - now)
                 receiving = asyncio.ensure_future(self.websocket.receive())
-                await asyncio.wait({receiving, stopping}, timeout=min(settings.stream_idle_timeout_s, max(left, 0)),
-                                   return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({receiving, stopping}, timeout=max(wait, 0), return_when=asyncio.FIRST_COMPLETED)
                 if not receiving.done():
                     receiving.cancel()
                     if stopping.done():
                         if self.session is not None:
                             await self._flush()
                         return "server_shutdown", CLOSE_GOING_AWAY
-                    return self._timed_out(deadline)
+                    return self._timed_out(deadline, first_audio_deadline)
                 result = await self._handle(receiving.result())
                 if result is not None:
                     return result
         finally:
             stopping.cancel()
 
-    def _timed_out(self, deadline: float) -> tuple[str, int]:
+    def _timed_out(self, deadline: float, first_audio_deadline: float) -> tuple[str, int]:
         settings = self.settings
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= deadline - CLOCK_SLACK_S:
             self.error("session_too_long", f"streams last at most {settings.stream_max_session_s:g} s (ASR_STREAM_MAX_SESSION_S); open a new one")
             return "session_too_long", CLOSE_POLICY
+        if not self.heard_audio and time.monotonic() >= first_audio_deadline - CLOCK_SLACK_S:
+            self.error("no_audio", f"no audio within {settings.stream_first_audio_timeout_s:g} s of the handshake (ASR_STREAM_FIRST_AUDIO_TIMEOUT_S)")
+            return "no_audio", CLOSE_POLICY
         self.error("idle_timeout", f"nothing received for {settings.stream_idle_timeout_s:g} s (ASR_STREAM_IDLE_TIMEOUT_S)")
         return "idle_timeout", CLOSE_POLICY
 
@@ -235,6 +229,7 @@ class StreamConnection:
         session = self._open()
         audio = self.pcm.decode(data)
         if len(audio):
+            self.heard_audio = True
             self.metrics.audio_seconds.labels(self.served.name, "stream").inc(len(audio) / 16000)
             await session.feed(audio)
 
@@ -278,16 +273,40 @@ async def _refuse(websocket: WebSocket, error: APIError) -> None:
     await websocket.send_denial_response(error.response())
 
 
+def _origin_refused(websocket: WebSocket, service: Service) -> APIError | None:
+    """A browser's handshake from an origin ASR_CORS_ORIGINS does not list (nor the server's own) is refused:
+    a WebSocket is not covered by CORS, and a page elsewhere could otherwise stream with its visitors' keys."""
+    allowed = [o.strip() for o in (service.settings.cors_origins or "").split(",") if o.strip()]
+    origin = websocket.headers.get("origin")
+    if not allowed or "*" in allowed or origin is None or origin in allowed or urlsplit(origin).netloc == websocket.headers.get("host"):
+        return None
+    return APIError(403, "origin_not_allowed", f"streams are not open to pages on {origin[:100]} (ASR_CORS_ORIGINS)")
+
+
+def _admission(websocket: WebSocket, service: Service, client: str) -> APIError | None:
+    settings = service.settings
+    if (unavailable := service.unavailable()) is not None:
+        service.metrics.rejected.labels(unavailable.code).inc()
+        return unavailable
+    if (refused := _origin_refused(websocket, service)) is not None:
+        service.metrics.rejected.labels("origin_not_allowed").inc()
+        return refused
+    if len(service.stream_connections) >= settings.stream_max_sessions:
+        service.metrics.rejected.labels("streams_full").inc()
+        return APIError(503, "server_busy", f"all {settings.stream_max_sessions} stream slots are taken (ASR_STREAM_MAX_SESSIONS); retry later", {"Retry-After": "5"})
+    limit = settings.stream_max_sessions_per_client
+    if limit and sum(c.client == client for c in service.stream_connections) >= limit:
+        service.metrics.rejected.labels("client_streams_full").inc()
+        return APIError(429, "too_many_streams", f"this client has {limit} streams open, the most allowed (ASR_STREAM_MAX_SESSIONS_PER_CLIENT); close one first", {"Retry-After": "5"})
+    return None
+
+
 @router.websocket("/v1/stream")
 async def stream(websocket: WebSocket) -> None:
     service: Service = websocket.app.state.service
-    if (unavailable := service.unavailable()) is not None:
-        service.metrics.rejected.labels(unavailable.code).inc()
-        await _refuse(websocket, unavailable)
-        return
-    if len(service.stream_connections) >= service.settings.stream_max_sessions:
-        service.metrics.rejected.labels("streams_full").inc()
-        await _refuse(websocket, APIError(503, "server_busy", f"all {service.settings.stream_max_sessions} stream slots are taken (ASR_STREAM_MAX_SESSIONS); retry later", {"Retry-After": "5"}))
+    client = client_identity(websocket.scope, keyed=bool(service.settings.api_keys))
+    if (refused := _admission(websocket, service, client)) is not None:
+        await _refuse(websocket, refused)
         return
     try:
         # api_key is the authentication middleware's business, not a stream option
@@ -298,7 +317,7 @@ async def stream(websocket: WebSocket) -> None:
     except APIError as not_found:
         await _refuse(websocket, not_found)
         return
-    connection = StreamConnection(websocket, service, start, served)
+    connection = StreamConnection(websocket, service, start, served, client)
     service.stream_connections.add(connection)  # the slot is taken before the first await
     try:
         await websocket.accept()

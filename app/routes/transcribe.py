@@ -8,7 +8,6 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from app.audio import decode_audio
 from app.errors import APIError
 from app.formats import ResponseFormat, service_json, to_srt, to_vtt, verbose_json
 from app.limits import backlog_refusal
@@ -43,7 +42,7 @@ async def _client_gone(request: Request) -> None:
 
 async def _transcribe(request: Request, service: Service, served: ServedModel, data: bytes, language: str,
                       prompt: str | None) -> Transcript:
-    audio = await asyncio.to_thread(decode_audio, data, service.settings.max_audio_s)
+    audio = await service.decoder.decode(data)
     work = asyncio.ensure_future(served.pipeline.transcribe(audio, priority=Priority.BULK, language=language, prompt=prompt))
     gone = asyncio.ensure_future(_client_gone(request))
     service.transcriptions.add(work)  # a drain that runs out of time cancels it
