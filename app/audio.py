@@ -91,34 +91,18 @@ class DecodeDeadline(Exception):
     pass
 
 
-class _DeadlineReader(io.RawIOBase):
-    """The upload's bytes for ffmpeg, readable until the deadline: every demuxer reads through here, so
-    none can keep a thread past it."""
+class _DeadlineReader(io.BytesIO):
+    """The upload's bytes for ffmpeg, readable until the deadline: every demuxer reads through here (PyAV
+    calls ``read``), so none can keep a thread past it."""
 
     def __init__(self, data: bytes, deadline: float):
-        self.data, self.deadline, self.position = memoryview(data), deadline, 0
+        super().__init__(data)
+        self.deadline = deadline
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: len(self.data)}[whence]
-        self.position = max(0, base + offset)
-        return self.position
-
-    def tell(self) -> int:
-        return self.position
-
-    def readinto(self, buffer) -> int:
+    def read(self, size: int | None = -1) -> bytes:
         if time.monotonic() > self.deadline:
             raise DecodeDeadline
-        chunk = self.data[self.position : self.position + len(buffer)]
-        buffer[: len(chunk)] = chunk
-        self.position += len(chunk)
-        return len(chunk)
+        return super().read(size)
 
 
 def wav_is_truncated(data: bytes) -> bool:

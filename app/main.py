@@ -17,12 +17,9 @@ from app.limits import Admission, BodySizeLimit, ClientRateLimit
 from app.routes import ops, page, stream, transcribe
 from app.service import Service
 from configs import Settings
+from configs.settings import comma_list
 
 log = logging.getLogger(__name__)
-
-
-def _csv(value: str) -> list[str]:
-    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -50,9 +47,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(ClientRateLimit, rate=settings.client_max_requests_per_s, burst=settings.client_request_burst,
                            keyed=bool(settings.api_keys), on_refused=service.metrics.rejected.labels("client_rate").inc)
     if settings.api_keys:  # nothing past this runs for a caller without a key
-        app.add_middleware(ApiKeyAuth, keys=_csv(settings.api_keys), open_paths=_csv(settings.auth_open_paths))
+        app.add_middleware(ApiKeyAuth, keys=comma_list(settings.api_keys), open_paths=comma_list(settings.auth_open_paths))
     if settings.cors_origins:  # outside the keys: a browser's preflight carries none
-        app.add_middleware(CORSMiddleware, allow_origins=_csv(settings.cors_origins), allow_methods=["*"], allow_headers=["*"])
+        app.add_middleware(CORSMiddleware, allow_origins=comma_list(settings.cors_origins), allow_methods=["*"], allow_headers=["*"])
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next) -> Response:

@@ -14,6 +14,11 @@ OPENAI_ALIAS = "whisper-1"  # what OpenAI clients send unless told otherwise: th
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # it goes into URLs, metric labels and log lines
 
 
+def comma_list(value: str | None) -> list[str]:
+    """A comma-separated setting (ASR_API_KEYS, ASR_CORS_ORIGINS, ...) as its items."""
+    return [item.strip() for item in (value or "").split(",") if item.strip()]
+
+
 class ModelSpec(BaseModel):
     """One served model: where its weights are and the allocator budget of its pipeline."""
 

@@ -217,23 +217,29 @@ def bound_client(address: str) -> httpx.AsyncClient:
 
 
 @dataclass
-class Drip:
+class Held:
+    """When a client connection opened and when the server closed it, in seconds since the phase's origin."""
+
+    opened_at: float | None = None
+    closed_at: float | None = None
+
+    @property
+    def held_s(self) -> float | None:
+        return None if self.opened_at is None or self.closed_at is None else self.closed_at - self.opened_at
+
+
+@dataclass
+class Drip(Held):
     """A connection that sends its request a piece at a time: when it opened and when the server closed
     it (seconds since the phase's origin), what it sent and what the server answered. `opened_at` is when
     the connect began, set once it succeeded: the server's deadline cannot have started before it, and
     this process, busy opening a thousand connections, may resume a connect's coroutine much later."""
 
-    opened_at: float | None = None
-    closed_at: float | None = None
     sent_bytes: int = 0
     status: int | None = None
     code: str | None = None
     answer: str = ""  # the answer's error, as `code: message`
     error: str | None = None  # no connection, a reset, or still open when the client gave up
-
-    @property
-    def held_s(self) -> float | None:
-        return None if self.opened_at is None or self.closed_at is None else self.closed_at - self.opened_at
 
     def got(self) -> str:
         if self.closed_at is None:
@@ -324,20 +330,14 @@ def flood_figures(drips: Sequence[Drip]) -> Json:
 
 
 @dataclass
-class IdleStream:
+class IdleStream(Held):
     """A stream that sends nothing: its handshake's answer, and what the server sent and did after."""
 
     status: int | None = None  # 101 when accepted
-    refusal: str = ""  # a refused handshake's `code: message`
-    opened_at: float | None = None  # seconds since the phase's origin: when the handshake began (see Drip)
-    closed_at: float | None = None
+    refusal: str = ""  # a refused handshake's `code: message`; opened_at: when the handshake began (see Drip)
     errors: list[str] = field(default_factory=list)  # codes of the error events
     close_code: int | None = None
     note: str = ""
-
-    @property
-    def held_s(self) -> float | None:
-        return None if self.opened_at is None or self.closed_at is None else self.closed_at - self.opened_at
 
     def got(self) -> str:
         if self.status is None:

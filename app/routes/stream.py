@@ -23,6 +23,7 @@ from app.audio import PcmStream
 from app.errors import APIError
 from app.limits import TokenBucket, client_identity
 from app.service import ServedModel, Service
+from configs.settings import comma_list
 from workers.streaming import Event, Final, Partial, StreamError, StreamOptions, StreamSession
 
 log = logging.getLogger(__name__)
@@ -276,7 +277,7 @@ async def _refuse(websocket: WebSocket, error: APIError) -> None:
 def _origin_refused(websocket: WebSocket, service: Service) -> APIError | None:
     """A browser's handshake from an origin ASR_CORS_ORIGINS does not list (nor the server's own) is refused:
     a WebSocket is not covered by CORS, and a page elsewhere could otherwise stream with its visitors' keys."""
-    allowed = [o.strip() for o in (service.settings.cors_origins or "").split(",") if o.strip()]
+    allowed = comma_list(service.settings.cors_origins)
     origin = websocket.headers.get("origin")
     if not allowed or "*" in allowed or origin is None or origin in allowed or urlsplit(origin).netloc == websocket.headers.get("host"):
         return None
