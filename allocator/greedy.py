@@ -16,8 +16,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from allocator.profiler import Profile, StageProfiler
-from workers.stages import Stage
+from allocator.profiler import Profile, StageProfiler, StageStats
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +43,9 @@ class Decision:
 
 
 class GreedyAllocator:
-    def __init__(self, stages: list[Stage], profiler: StageProfiler, policy: AllocatorPolicy,
+    def __init__(self, resize: Callable[[str, int], int], profiler: StageProfiler, policy: AllocatorPolicy,
                  on_decision: Callable[[Decision], None], enabled: bool = True):
-        self.stages = {s.name: s for s in stages}
+        self.resize = resize  # (stage, workers) -> the pool's new size
         self.profiler = profiler
         self.policy = policy
         self.on_decision = on_decision
@@ -60,8 +59,8 @@ class GreedyAllocator:
         """Per device: slots the allocator may hand out, and how many its grown pools hold now."""
         total = {"cpu": self.policy.cpu_slots, "gpu": self.policy.gpu_slots}
         used = {"cpu": 0, "gpu": 0}
-        for stage in self.stages.values():
-            used[self.profiler.devices[stage.name]] += stage.workers - stage.min_workers
+        for stage in self.profiler.snapshot().stages:
+            used[stage.device] += stage.workers - stage.min_workers
         return {device: {"total": total[device], "used": used[device]} for device in total}
 
     async def run(self) -> None:
@@ -78,45 +77,42 @@ class GreedyAllocator:
         profile = self.profiler.profile()
         stats = {s.name: s for s in profile.stages}
         if profile.bottleneck is not None:
-            self._grow(self.stages[profile.bottleneck], stats[profile.bottleneck].pressure, now)
-        for name, stage in self.stages.items():
-            s = stats[name]
+            self._grow(stats[profile.bottleneck], now)
+        for name, s in stats.items():
             idle = s.utilization < self.policy.idle_utilization and s.queue_depth == 0 and name != profile.bottleneck
-            if stage.workers <= stage.min_workers or not idle:
+            if s.workers <= s.min_workers or not idle:
                 self._idle_since.pop(name, None)
                 continue
             since = self._idle_since.setdefault(name, now)
             if now - since >= self.policy.shrink_after_s and not self._cooling(name, now):
-                self._resize(stage, stage.workers - 1, "shrink", s.pressure, now,
-                             f"idle for {now - since:.0f} s (utilization {s.utilization:.2f}, empty queue)")
+                self._resize(s, s.workers - 1, "shrink", now, f"idle for {now - since:.0f} s (utilization {s.utilization:.2f}, empty queue)")
                 self._idle_since[name] = now
         return profile
 
     def _cooling(self, name: str, now: float) -> bool:
         return now - self._changed_at.get(name, -float("inf")) < self.policy.cooldown_s
 
-    def _grow(self, stage: Stage, pressure: float, now: float) -> None:
+    def _grow(self, stage: StageStats, now: float) -> None:
         if self._cooling(stage.name, now):
             return
-        budget = self.budgets()[self.profiler.devices[stage.name]]
+        budget = self.budgets()[stage.device]
         if stage.workers >= stage.max_workers:
-            self._hold(stage, pressure, f"bottleneck at its maximum of {stage.max_workers} workers")
+            self._hold(stage, f"bottleneck at its maximum of {stage.max_workers} workers")
         elif budget["used"] >= budget["total"]:
-            self._hold(stage, pressure, f"bottleneck, but the {self.profiler.devices[stage.name]} budget of {budget['total']} slots is spent")
+            self._hold(stage, f"bottleneck, but the {stage.device} budget of {budget['total']} slots is spent")
         else:
-            self._resize(stage, stage.workers + 1, "grow", pressure, now, "bottleneck")
+            self._resize(stage, stage.workers + 1, "grow", now, "bottleneck")
 
-    def _hold(self, stage: Stage, pressure: float, reason: str) -> None:
+    def _hold(self, stage: StageStats, reason: str) -> None:
         if self._held.get(stage.name) != reason:  # say it once per stage, not every tick
             self._held[stage.name] = reason
-            self._record(Decision(time.time(), stage.name, "hold", stage.workers, stage.workers, pressure, reason))
+            self._record(Decision(time.time(), stage.name, "hold", stage.workers, stage.workers, stage.pressure, reason))
 
-    def _resize(self, stage: Stage, workers: int, action: str, pressure: float, now: float, reason: str) -> None:
-        before = stage.workers
-        after = stage.resize(workers)
+    def _resize(self, stage: StageStats, workers: int, action: str, now: float, reason: str) -> None:
+        after = self.resize(stage.name, workers)
         self._changed_at[stage.name] = now
         self._held.pop(stage.name, None)
-        self._record(Decision(time.time(), stage.name, action, before, after, pressure, reason))
+        self._record(Decision(time.time(), stage.name, action, stage.workers, after, stage.pressure, reason))
 
     def _record(self, decision: Decision) -> None:
         self.decisions.append(decision)

@@ -1,7 +1,9 @@
 """StageProfiler: per stage, over a rolling window, how slow, how busy and how backed up it is.
 
-It is fed by the stages themselves (it is a :class:`workers.stages.StageObserver`): each batch's busy
-time and size, each job's time in the stage and its audio length. From those it scores each stage's
+It is fed by the stages themselves (it is one of the engine's stage observers): each batch's busy time
+and size, each window's time in the stage and its audio length; the pools and queues it reads from the
+engine's snapshot. Records older than the window are dropped as new ones come, so its memory is bounded
+by the load of one window whether or not anybody asks for a profile. From those it scores each stage's
 pressure = w_latency * latency / slowest stage's latency + w_utilization * utilization
 + w_queue * queue depth / deepest queue, and names the bottleneck: the stage of highest pressure, when
 that pressure passes the threshold.
@@ -11,11 +13,11 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from workers.jobs import Job
-from workers.stages import Stage
+from workers.engine import EngineSnapshot, StageSnapshot
 
 
 @dataclass(frozen=True)
@@ -27,16 +29,9 @@ class PressureWeights:
 
 
 @dataclass(frozen=True)
-class StageStats:
-    name: str
-    device: str
-    workers: int
-    min_workers: int
-    max_workers: int
-    busy_workers: int
-    queue_depth: int
-    queue_capacity: int
-    queue_oldest_s: float
+class StageStats(StageSnapshot):
+    """A stage as the engine's snapshot shows it, and its load over the profiler's window."""
+
     latency_avg_s: float  # a job's time in the stage's work, over the window
     latency_p95_s: float
     latency_p99_s: float
@@ -65,54 +60,58 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 class StageProfiler:
-    def __init__(self, stages: list[Stage], devices: dict[str, str], window_s: float, weights: PressureWeights):
-        self.stages = stages
-        self.devices = devices
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], window_s: float, weights: PressureWeights):
+        self.snapshot = snapshot
         self.window_s = window_s
         self.weights = weights
         self.started = time.monotonic()
-        # per stage: (time, busy seconds, batch size) per batch, and (time, seconds in stage, audio seconds) per job
-        self._batches: dict[str, deque[tuple[float, float, int]]] = {s.name: deque() for s in stages}
-        self._jobs: dict[str, deque[tuple[float, float, float]]] = {s.name: deque() for s in stages}
+        # per stage: (time, busy seconds, batch size) per batch, and (time, seconds in stage, audio seconds) per window
+        self._batches: defaultdict[str, deque[tuple[float, float, int]]] = defaultdict(deque)
+        self._windows: defaultdict[str, deque[tuple[float, float, float]]] = defaultdict(deque)
 
-    # StageObserver: the stages call these
+    # the engine's stage observer: the stages call these
     def batch_done(self, stage: str, size: int, busy_s: float) -> None:
-        self._batches[stage].append((time.monotonic(), busy_s, size))
-
-    def jobs_done(self, stage: str, jobs: list[Job]) -> None:
         now = time.monotonic()
-        for job in jobs:
-            times = job.times[stage]
-            self._jobs[stage].append((now, times.finished - times.started, job.duration_s))
+        self._record(self._batches[stage], (now, busy_s, size), now)
 
-    def batch_failed(self, stage: str, jobs: list[Job], error: BaseException) -> None:
-        pass  # failures are the metrics' business; the profile is about load
+    def window_done(self, stage: str, waited_s: float, worked_s: float, audio_s: float) -> None:
+        now = time.monotonic()
+        self._record(self._windows[stage], (now, worked_s, audio_s), now)
 
-    def _forget(self, now: float) -> None:
+    def windows_failed(self, stage: str, count: int) -> None:
+        pass  # failures, abandoned work and restarts are the metrics' business; the profile is about load
+
+    def windows_abandoned(self, stage: str, count: int) -> None:
+        pass
+
+    def worker_restarted(self, stage: str) -> None:
+        pass
+
+    def _record(self, records: deque, record: tuple, now: float) -> None:
+        records.append(record)
         horizon = now - self.window_s
-        for records in (*self._batches.values(), *self._jobs.values()):
-            while records and records[0][0] < horizon:
-                records.popleft()
+        while records[0][0] < horizon:
+            records.popleft()
 
     def profile(self) -> Profile:
         now = time.monotonic()
-        self._forget(now)
+        horizon = now - self.window_s
+        for records in (*self._batches.values(), *self._windows.values()):
+            while records and records[0][0] < horizon:
+                records.popleft()
         wall = max(min(self.window_s, now - self.started), 1e-6)
         raw = []
-        for stage in self.stages:
-            batches, jobs = self._batches[stage.name], self._jobs[stage.name]
-            latencies = sorted(seconds for _, seconds, _ in jobs)
+        for stage in self.snapshot().stages:
+            batches, windows = self._batches[stage.name], self._windows[stage.name]
+            latencies = sorted(seconds for _, seconds, _ in windows)
             busy = sum(b for _, b, _ in batches)
-            audio = sum(a for _, _, a in jobs)
+            audio = sum(a for _, _, a in windows)
             raw.append(StageStats(
-                name=stage.name, device=self.devices[stage.name], workers=stage.workers,
-                min_workers=stage.min_workers, max_workers=stage.max_workers, busy_workers=stage.busy_workers,
-                queue_depth=len(stage.scheduler), queue_capacity=stage.scheduler.policy.capacity,
-                queue_oldest_s=round(stage.scheduler.oldest_wait_s(), 3),
+                **asdict(stage),
                 latency_avg_s=sum(latencies) / len(latencies) if latencies else 0.0,
                 latency_p95_s=_percentile(latencies, 95), latency_p99_s=_percentile(latencies, 99),
                 utilization=min(1.0, busy / (wall * max(stage.workers, 1))),
-                throughput_per_s=len(jobs) / wall,
+                throughput_per_s=len(windows) / wall,
                 batch_avg=sum(size for _, _, size in batches) / len(batches) if batches else 0.0,
                 batch_max=max((size for _, _, size in batches), default=0),
                 cost_ms_per_100ms=100 * busy / audio if audio else 0.0,

@@ -42,11 +42,17 @@ class DrainingServer(uvicorn.Server):
 
     uvicorn's own first step would close every WebSocket with 1012 and drop the streams' last finals;
     draining first refuses new work (/readyz 503), lets each stream send its final and close with 1001
-    and lets admitted requests finish, within ASR_SHUTDOWN_TIMEOUT_S. Then uvicorn stops as usual."""
+    and lets admitted requests finish, within ASR_SHUTDOWN_TIMEOUT_S; a second signal cuts the drain short.
+    Then uvicorn stops as usual."""
 
     def __init__(self, config: uvicorn.Config, service: Service):
         super().__init__(config)
         self.service = service
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.should_exit:  # a second SIGTERM or SIGINT: the operator will not wait for the drain
+            self.service.cut_drain()
+        super().handle_exit(sig, frame)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         await self.service.drain(self.service.settings.shutdown_timeout_s)

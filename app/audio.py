@@ -19,7 +19,7 @@ import av
 import numpy as np
 
 from app.errors import APIError
-from workers.features import SAMPLE_RATE
+from workers.engine import SAMPLE_RATE
 
 # a file that decodes to less than this share of the duration its container declares was cut short
 TRUNCATION_TOLERANCE = 0.9

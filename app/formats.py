@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from workers.jobs import Segment
-from workers.pipeline import Transcript
-from workers.postprocess import compression_ratio
+from workers.engine import Segment, Transcript, compression_ratio
 
 
 class ResponseFormat(str, Enum):

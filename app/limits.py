@@ -142,25 +142,31 @@ class Admission:
         if (refusal := self.refusal(QueryParams(scope["query_string"]).get("model"))) is not None:
             await refuse_before_body(refusal, receive, send)
             return
-        self.service.requests_in_flight += 1
+        self.service.request_started()
         try:
             await self.app(scope, receive, send)
         finally:
-            self.service.requests_in_flight -= 1
+            self.service.request_finished()
 
     def refusal(self, model: str | None) -> APIError | None:
-        service = self.service
-        if (unavailable := service.unavailable()) is not None:
-            service.metrics.rejected.labels(unavailable.code).inc()
-            return unavailable
-        if (busy := service.decoder.refusal()) is not None:
-            service.metrics.rejected.labels("decoders_busy").inc()
-            return busy
-        try:
-            served = service.model(model)
-        except APIError as not_found:
-            return not_found
-        return backlog_refusal(service, served)
+        return admission_refusal(self.service, model)
+
+
+def admission_refusal(service: Service, model: str | None) -> APIError | None:
+    """The one admission decision for new transcription work on ``model`` (None: the default model): 503
+    while the server cannot take work, 429 while the decoding threads are full or the model's pipeline is
+    backed up (:func:`backlog_refusal`), 404/503 for a model not served or still loading."""
+    if (unavailable := service.unavailable()) is not None:
+        service.metrics.rejected.labels(unavailable.code).inc()
+        return unavailable
+    if (busy := service.decoder.refusal()) is not None:
+        service.metrics.rejected.labels("decoders_busy").inc()
+        return busy
+    try:
+        served = service.model(model)
+    except APIError as not_found:
+        return not_found
+    return backlog_refusal(service, served)
 
 
 def backlog_refusal(service: Service, served: ServedModel) -> APIError | None:
@@ -168,7 +174,8 @@ def backlog_refusal(service: Service, served: ServedModel) -> APIError | None:
     ASR_ADMISSION_MAX_WAITING, or the work in flight predicted to take longer than ASR_ADMISSION_MAX_WAIT_S
     at the rate the pipeline has been finishing windows."""
     settings = service.settings
-    waiting, wait_s = served.backlog()
+    snapshot = served.engine.snapshot()
+    waiting, wait_s = snapshot.windows_waiting, snapshot.predicted_wait_s
     if waiting > settings.admission_max_waiting:
         reason = f"{waiting} windows are waiting, over the limit of {settings.admission_max_waiting} (ASR_ADMISSION_MAX_WAITING)"
     elif wait_s > settings.admission_max_wait_s:

@@ -1,71 +1,62 @@
-"""What the app holds while it runs: the settings, the metrics, and (once loaded) a pipeline per served model."""
+"""What the app holds while it runs: the settings, the metrics, the webhook outbox and (once loaded) an
+engine per served model, each with its profiler and allocator. It talks to ``workers`` through
+:mod:`workers.engine` only."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Protocol
 
-from configs import Settings
-from configs.settings import EMBEDDED, ModelSpec
 from allocator.greedy import AllocatorPolicy, GreedyAllocator
 from allocator.profiler import PressureWeights, StageProfiler
 from app.audio import AudioDecoder
 from app.errors import APIError
 from app.metrics import Metrics, StageMetrics
-from app.webhook import WebhookDelivery
-from workers.decoding import DecodingOptions
-from workers.pipeline import Pipeline
-from workers.stages import ObserverGroup
-from workers.runner import ModelRunner, choose_device, embedded_model_path
-from workers.streaming import StreamConfig, StreamEngine
-
-if TYPE_CHECKING:
-    from app.routes.stream import StreamConnection
+from app.webhook import WebhookOutbox, validate_webhook_url
+from configs import Settings
+from configs.policies import available_cpus
+from configs.settings import ModelSpec
+from workers.engine import Engine, load_engine
 
 log = logging.getLogger(__name__)
 
 
+class LiveStream(Protocol):
+    """What the service needs of an open stream connection (app.routes.stream.StreamConnection)."""
+
+    client: str
+    task: asyncio.Task | None
+
+    def stop(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
 @dataclass
 class ServedModel:
-    """One model and what serves it: its own pipeline, profiler, allocator (with its own budget) and stream engine."""
+    """One model and what serves it: its engine, profiler and allocator (with its own budget)."""
 
     name: str
-    pipeline: Pipeline
+    engine: Engine
     profiler: StageProfiler
     allocator: GreedyAllocator
-    streams: StreamEngine
     allocator_task: asyncio.Task | None = None
     loaded_at: float = field(default_factory=time.time)
 
-    @property
-    def device(self) -> str:
-        return self.pipeline.runner.device.type
-
     def describe(self) -> dict:
         """Its entry in GET /v1/models (OpenAI's fields first); no paths, which would name this machine's files."""
-        runner = self.pipeline.runner
+        info = self.engine.info()
         return {"id": self.name, "object": "model", "created": int(self.loaded_at), "owned_by": "asr-service",
-                "device": self.device, "dtype": str(runner.dtype).removeprefix("torch."),
-                "multilingual": runner.tokenizer.multilingual, "dims": asdict(runner.model.dims),
+                "device": info.device, "dtype": info.dtype, "multilingual": info.multilingual, "dims": info.dims,
                 "budget": {"cpu_slots": self.allocator.policy.cpu_slots, "gpu_slots": self.allocator.policy.gpu_slots}}
-
-    def transcribes(self, language: str) -> bool:
-        return self.pipeline.runner.tokenizer.has_language(language)
-
-    def backlog(self) -> tuple[int, float]:
-        """Windows waiting in the stage queues, and the predicted wait of a window admitted now."""
-        return sum(len(s.scheduler) for s in self.pipeline.stages), self.pipeline.rate.wait_s()
 
     async def stop(self) -> None:
         if self.allocator_task is not None:
             self.allocator_task.cancel()
-        self.streams.close()
-        await self.pipeline.stop()
+        await self.engine.stop()
 
 
 @dataclass
@@ -73,18 +64,29 @@ class Service:
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
     models: dict[str, ServedModel] = field(default_factory=dict)  # by name, as each finishes loading
-    webhook: WebhookDelivery | None = None
-    stream_connections: set[StreamConnection] = field(default_factory=set)
+    webhook: WebhookOutbox | None = None
+    stream_connections: set[LiveStream] = field(default_factory=set)
     requests_in_flight: int = 0  # admitted REST requests not yet answered
     transcriptions: set[asyncio.Future] = field(default_factory=set)  # their pipeline work
     load_failed: bool = False
     draining: bool = False
     decoder: AudioDecoder = field(init=False)  # uploads -> PCM, on threads of its own
+    _idle: asyncio.Event = field(init=False, default_factory=asyncio.Event)  # no stream open, no request in flight
+    _cut: asyncio.Event = field(init=False, default_factory=asyncio.Event)  # a second signal: stop draining
+    _loop: asyncio.AbstractEventLoop | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         s = self.settings
         self.decoder = AudioDecoder(s.decode_workers, s.decode_max_waiting, s.decode_timeout_s, s.max_audio_s)
         self.metrics.decodes_in_flight.set_function(lambda: self.decoder.in_flight)
+        if s.post_webhook_url:
+            m = self.metrics
+            self.webhook = WebhookOutbox(validate_webhook_url(s.post_webhook_url), s.post_webhook_timeout_s, s.webhook_max_pending,
+                                         on_delivered=m.webhook_deliveries.labels("delivered").inc,
+                                         on_failed=m.webhook_deliveries.labels("failed").inc,
+                                         on_dropped=m.webhook_deliveries.labels("dropped").inc)
+            m.webhook_pending.set_function(lambda: self.webhook.pending)
+        self._idle.set()
 
     @property
     def ready(self) -> bool:
@@ -111,14 +113,35 @@ class Service:
             raise APIError(404, "model_not_found", f"no model {name!r}; this server serves {', '.join(self.settings.models)} (GET /v1/models)")
         return served
 
+    # who is in: a drain waits for both to reach zero
+    def request_started(self) -> None:
+        self.requests_in_flight += 1
+        self._idle.clear()
+
+    def request_finished(self) -> None:
+        self.requests_in_flight -= 1
+        self._check_idle()
+
+    def stream_opened(self, connection: LiveStream) -> None:
+        self.stream_connections.add(connection)
+        self._idle.clear()
+
+    def stream_closed(self, connection: LiveStream) -> None:
+        self.stream_connections.discard(connection)
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if not self.stream_connections and not self.requests_in_flight:
+            self._idle.set()
+
     async def load(self) -> None:
-        """Load and warm each model off the event loop, one after the other, and start its pipeline;
+        """Load and warm each model off the event loop, one after the other, and start its engine;
         /readyz turns 200 once all are up."""
-        settings = self.settings
-        self.metrics.watch_streams(self.stream_connections, lambda: sum(len(m.streams.sessions) for m in self.models.values()))
-        if settings.post_webhook_url:
-            self.webhook = WebhookDelivery(settings.post_webhook_url, settings.post_webhook_timeout_s, self.metrics)
-        for name, spec in settings.models.items():
+        self._loop = asyncio.get_running_loop()
+        self.metrics.watch_streams(self.stream_connections, lambda: sum(m.engine.snapshot().streams_open for m in self.models.values()))
+        if self.webhook is not None:
+            self.webhook.start()
+        for name, spec in self.settings.models.items():
             try:
                 self.models[name] = await self._serve(name, spec)
             except Exception:
@@ -128,64 +151,63 @@ class Service:
 
     async def _serve(self, name: str, spec: ModelSpec) -> ServedModel:
         settings, started = self.settings, time.perf_counter()
-        runner = await asyncio.to_thread(self._load_runner, embedded_model_path() if spec.path == EMBEDDED else spec.path)
-        report = await asyncio.to_thread(runner.warm_up)
-        observers = ObserverGroup(StageMetrics(self.metrics, name))
-        pipeline = Pipeline(runner, settings, observers, self.webhook, seconds_per_window=report.encoder_s + report.decoder_s)
-        devices = {s.name: "gpu" if s.name in ("acoustic", "decoder") and runner.device.type == "cuda" else "cpu"
-                   for s in pipeline.stages}
-        profiler = StageProfiler(pipeline.stages, devices, settings.profiler_window_s, PressureWeights(
+        engine = await asyncio.to_thread(load_engine, name, spec.path, settings, StageMetrics(self.metrics, name))
+        profiler = StageProfiler(engine.snapshot, settings.profiler_window_s, PressureWeights(
             settings.pressure_weight_latency, settings.pressure_weight_utilization, settings.pressure_weight_queue,
             settings.pressure_threshold))
-        observers.observers.append(profiler)
+        engine.watch(profiler)
         shares = len(settings.models)  # a model without a budget of its own gets an equal share of the total
-        cpu_slots = spec.cpu_slots if spec.cpu_slots is not None else max(1, (settings.allocator_cpu_slots or os.cpu_count() or 1) // shares)
+        cpu_slots = spec.cpu_slots if spec.cpu_slots is not None else max(1, (settings.allocator_cpu_slots or available_cpus()) // shares)
         gpu_slots = spec.gpu_slots if spec.gpu_slots is not None else settings.allocator_gpu_slots // shares
-        allocator = GreedyAllocator(pipeline.stages, profiler, AllocatorPolicy(
+        allocator = GreedyAllocator(engine.resize, profiler, AllocatorPolicy(
             interval_s=settings.allocator_interval_s, cooldown_s=settings.allocator_cooldown_s,
             cpu_slots=cpu_slots, gpu_slots=gpu_slots,
             idle_utilization=settings.allocator_idle_utilization, shrink_after_s=settings.allocator_shrink_after_s),
             on_decision=lambda d: self.metrics.allocator_decisions.labels(name, d.stage, d.action).inc(),
             enabled=settings.allocator_enabled)
-        self.metrics.watch_model(name, pipeline.stages, pipeline.rate, profiler.profile)
-        pipeline.start()
-        streams = await asyncio.to_thread(StreamEngine, pipeline, StreamConfig(
-            step_s=settings.stream_step_s, vad_threshold=settings.stream_vad_threshold,
-            max_utterance_s=settings.stream_max_utterance_s, prompt_previous_text=settings.stream_prompt_previous_text))
-        served = ServedModel(name, pipeline, profiler, allocator, streams)
+        self.metrics.watch_model(name, engine.snapshot, profiler.profile)
+        engine.start()
+        served = ServedModel(name, engine, profiler, allocator)
         served.allocator_task = asyncio.create_task(allocator.run(), name=f"allocator-{name}")
+        info = engine.info()
         log.info("model %s ready on %s in %.1f s (warm-up: encoder %.3f s, decoder %.3f s per window; allocator budget: %d CPU, %d GPU slots)",
-                 name, runner.device, time.perf_counter() - started, report.encoder_s, report.decoder_s, cpu_slots, gpu_slots)
+                 name, info.device, time.perf_counter() - started, info.warmup_encoder_s, info.warmup_decoder_s, cpu_slots, gpu_slots)
         return served
 
-    def _load_runner(self, model_dir: Path) -> ModelRunner:
-        import torch
-
-        if self.settings.cpu_threads:
-            torch.set_num_threads(self.settings.cpu_threads)
-        options = DecodingOptions(sample_len=self.settings.max_new_tokens)
-        return ModelRunner(model_dir, choose_device(self.settings.device), options)
+    def cut_drain(self) -> None:
+        """A second SIGTERM or SIGINT while draining: stop waiting (safe to call from a signal handler)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._cut.set)
 
     async def drain(self, timeout_s: float) -> None:
         """The first step of a graceful shutdown: refuse new work (/readyz turns 503), let every open stream
-        send its last final and close with 1001, and let admitted requests finish; at most ``timeout_s``."""
+        send its last final and close with 1001, and let admitted requests finish; at most ``timeout_s``,
+        or until :meth:`cut_drain`."""
         self.draining = True
         connections = list(self.stream_connections)
         log.info("draining: %d streams, %d requests in flight", len(connections), self.requests_in_flight)
         for connection in connections:
             connection.stop()
         deadline = time.monotonic() + timeout_s
-        while (self.stream_connections or self.requests_in_flight) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        idle, cut = asyncio.ensure_future(self._idle.wait()), asyncio.ensure_future(self._cut.wait())
+        await asyncio.wait([idle, cut], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        idle.cancel()
+        if not self._cut.is_set():
+            for served in self.models.values():  # what the engines still hold (windows whose caller left)
+                emptied = asyncio.ensure_future(served.engine.drain(max(0.0, deadline - time.monotonic())))
+                await asyncio.wait([cut, emptied], return_when=asyncio.FIRST_COMPLETED)
+                emptied.cancel()
+        cut.cancel()
         if self.stream_connections or self.requests_in_flight:
-            log.warning("drain timed out after %g s (ASR_SHUTDOWN_TIMEOUT_S): %d streams and %d requests cut off",
-                        timeout_s, len(self.stream_connections), self.requests_in_flight)
+            why = "a second signal cut it short" if self._cut.is_set() else f"it timed out after {timeout_s:g} s (ASR_SHUTDOWN_TIMEOUT_S)"
+            log.warning("drain ended early (%s): %d streams and %d requests cut off", why, len(self.stream_connections), self.requests_in_flight)
             for work in self.transcriptions:  # their clients get 503 shutting_down rather than a dropped connection
                 work.cancel()
             await asyncio.sleep(0.1)  # for those answers to go out
 
     async def close(self) -> None:
-        """Streams still open (the drain ran out of time, or never ran) are cut off, then the stages stop."""
+        """Streams still open (the drain ran out of time, or never ran) are cut off, then the engines stop
+        (answering whatever they still hold) and the webhook outbox delivers what it can."""
         connections = list(self.stream_connections)
         for connection in connections:
             connection.abort()
@@ -194,5 +216,5 @@ class Service:
         for served in models:
             await served.stop()
         if self.webhook is not None:
-            await self.webhook.close()
+            await self.webhook.close(self.settings.webhook_close_timeout_s)
         self.decoder.close()

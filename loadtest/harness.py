@@ -7,9 +7,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import json
 import math
+import socket
 import time
+import wave
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
 from loadtest.bench_rest import DEFAULT_SET, log, start_server, stop_server
 from loadtest.evalset import DEFAULT_MANIFEST, EvalRow, load_rows, percentile
@@ -143,6 +147,47 @@ async def progress_lines(every_s: float, line: Callable[[], str]) -> AsyncIterat
     finally:
         task.cancel()
         await asyncio.wait([task])
+
+
+class RssSampled:
+    """For a run that keeps ``rss`` samples (seconds since its start, MiB) and a ``plan`` with ``duration_s``
+    and ``warmup_fraction``: growth is counted from the first sample after the warm-up."""
+
+    rss: list[tuple[float, float]]
+    plan: Any
+
+    @property
+    def rss_start(self) -> tuple[float, float] | None:
+        """The first sample after the warm-up."""
+        return next((s for s in self.rss if s[0] >= self.plan.warmup_fraction * self.plan.duration_s), None)
+
+    @property
+    def rss_end(self) -> tuple[float, float] | None:
+        return self.rss[-1] if self.rss else None
+
+    @property
+    def rss_growth_mib(self) -> float | None:
+        if self.rss_start is None or self.rss_end is None:
+            return None
+        return self.rss_end[1] - self.rss_start[1]
+
+
+def free_port() -> int:
+    """A loopback TCP port free now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wav_bytes(samples: np.ndarray, rate: int = 16000) -> bytes:
+    """Float samples as a 16-bit mono WAV file."""
+    out = io.BytesIO()
+    with wave.open(out, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return out.getvalue()
 
 
 def rss_mib(pid: int) -> float:

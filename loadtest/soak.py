@@ -37,6 +37,7 @@ from loadtest.harness import (
     Json,
     Outcome,
     RestLog,
+    RssSampled,
     add_common_arguments,
     binned,
     closed_loop,
@@ -88,7 +89,7 @@ class Session:
 
 
 @dataclass
-class SoakRun:
+class SoakRun(RssSampled):
     """Everything one soak did; times are seconds since `origin` (time.monotonic)."""
 
     plan: SoakPlan
@@ -107,21 +108,6 @@ class SoakRun:
 
     def time_left(self) -> float:
         return self.plan.duration_s - self.now()
-
-    @property
-    def rss_start(self) -> tuple[float, float] | None:
-        """The first sample after the warm-up."""
-        return next((s for s in self.rss if s[0] >= self.plan.warmup_fraction * self.plan.duration_s), None)
-
-    @property
-    def rss_end(self) -> tuple[float, float] | None:
-        return self.rss[-1] if self.rss else None
-
-    @property
-    def rss_growth_mib(self) -> float | None:
-        if self.rss_start is None or self.rss_end is None:
-            return None
-        return self.rss_end[1] - self.rss_start[1]
 
     @property
     def rss_growth_pct(self) -> float | None:

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import os
-import socket
 import subprocess
 import sys
 import time
-import wave
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
+
+from loadtest.harness import free_port, wav_bytes  # noqa: F401 - the tests' helpers too
 
 ROOT = Path(__file__).resolve().parents[1]
 EVAL = ROOT.parent / "shared" / "eval"
@@ -27,29 +25,14 @@ LIMITED_SETTINGS = {"max_upload_bytes": 2_000_000, "max_audio_s": 20, "stream_ma
                     "stream_max_session_s": 5, "stream_max_frame_bytes": 65536}
 
 
-def wav_bytes(samples: np.ndarray, rate: int = 16000) -> bytes:
-    """Float samples as a 16-bit mono WAV file."""
-    out = io.BytesIO()
-    with wave.open(out, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(rate)
-        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return out.getvalue()
-
-
 class Quiet:
     """A StageObserver that ignores everything, for stages tested without the service around them."""
 
     def batch_done(self, stage, size, busy_s): ...
-    def jobs_done(self, stage, jobs): ...
-    def batch_failed(self, stage, jobs, error): ...
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    def window_done(self, stage, waited_s, worked_s, audio_s): ...
+    def windows_failed(self, stage, count): ...
+    def windows_abandoned(self, stage, count): ...
+    def worker_restarted(self, stage): ...
 
 
 class Server:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import Counter
 
 import httpx
@@ -13,34 +14,50 @@ from prometheus_client.parser import text_string_to_metric_families
 from allocator.greedy import AllocatorPolicy, GreedyAllocator
 from allocator.profiler import PressureWeights, StageProfiler
 from tests.conftest import JFK, Quiet, Server
-from workers.jobs import Job
+from workers.engine import EngineSnapshot
+from workers.jobs import Job, WindowOptions
 from workers.scheduler import BatchPolicy, Priority
 from workers.stages import Stage
 
 
-def two_stages(observer, hook_s: float) -> list[Stage]:
-    """A fast CPU stage feeding one whose work is mostly waiting on I/O (``hook_s`` per job)."""
-    def compute(jobs: list[Job]) -> None:
-        for job in jobs:
-            job.result = float(np.sum(job.audio))
+def two_stages(observer, wait_s: float) -> list[Stage]:
+    """A fast CPU stage feeding one whose work is mostly waiting (``wait_s`` per job, off the event loop as
+    every stage's work is), so that more workers get more done."""
+    def compute(jobs: list[Job]) -> list[float]:
+        return [float(np.sum(job.audio)) for job in jobs]
 
-    async def io_wait(job: Job) -> None:
-        await asyncio.sleep(hook_s * random.uniform(0.5, 1.5))
+    def wait(jobs: list[Job]) -> list[float]:
+        time.sleep(wait_s * random.uniform(0.5, 1.5))
+        return compute(jobs)
 
-    first = Stage("features", BatchPolicy(1, 0, 10_000), 1, 4, compute, observer)
-    second = Stage("post", BatchPolicy(1, 0, 10_000), 1, 4, compute, observer, after=io_wait)
+    first = Stage("features", "cpu", BatchPolicy(1, 0, 10_000), 1, 4, compute, observer)
+    second = Stage("post", "cpu", BatchPolicy(1, 0, 10_000), 1, 4, wait, observer)
     first.next, second.upstream = second, [first]
     return [first, second]
+
+
+class Snapshots:
+    """The engine's snapshot() of two bare stages, for the profiler."""
+
+    def __init__(self, stages: list[Stage]):
+        self.stages = stages
+
+    def __call__(self) -> EngineSnapshot:
+        return EngineSnapshot(tuple(s.snapshot() for s in self.stages), 0, 1.0, 0)
+
+
+def new_job() -> Job:
+    return Job(audio=np.ones(160, np.float32), offset_s=0.0, priority=Priority.BULK, options=WindowOptions("en", ()))
 
 
 def test_pools_resize_under_load_and_lose_or_repeat_nothing() -> None:
     finished: Counter[int] = Counter()
 
     async def main() -> tuple[int, int]:
-        stages = two_stages(Quiet(), hook_s=0.004)
+        stages = two_stages(Quiet(), wait_s=0.004)
         for stage in stages:
             stage.start()
-        jobs = [Job(audio=np.ones(160, np.float32), offset_s=0.0, priority=Priority.BULK) for _ in range(400)]
+        jobs = [new_job() for _ in range(400)]
         for job in jobs:
             job.future.add_done_callback(lambda f, job=job: finished.update([job.id]))
             await stages[0].put(job)
@@ -52,7 +69,7 @@ def test_pools_resize_under_load_and_lose_or_repeat_nothing() -> None:
         for stage in stages:
             stage.resize(1)
         await asyncio.sleep(0.05)
-        workers = [len(stage._tasks) for stage in stages]
+        workers = [len(stage._held) for stage in stages]
         for stage in stages:
             await stage.stop()
         return len(set(sizes)), max(workers)
@@ -63,27 +80,17 @@ def test_pools_resize_under_load_and_lose_or_repeat_nothing() -> None:
     assert workers_left == 1  # the workers told to leave have left
 
 
-def test_allocator_grows_the_io_bound_stage_then_gives_back() -> None:
+def test_allocator_grows_the_waiting_stage_then_gives_back() -> None:
     async def main():
-        profiler_box: list[StageProfiler] = []
-
-        class Feed:
-            def batch_done(self, stage, size, busy_s):
-                profiler_box[0].batch_done(stage, size, busy_s)
-
-            def jobs_done(self, stage, jobs):
-                profiler_box[0].jobs_done(stage, jobs)
-
-            def batch_failed(self, stage, jobs, error): ...
-
-        stages = two_stages(Feed(), hook_s=0.05)
-        profiler = StageProfiler(stages, {"features": "cpu", "post": "cpu"}, window_s=1.0, weights=PressureWeights())
-        profiler_box.append(profiler)
-        allocator = GreedyAllocator(stages, profiler, AllocatorPolicy(interval_s=0.2, cooldown_s=0.3, cpu_slots=2,
+        stages: list[Stage] = []
+        profiler = StageProfiler(Snapshots(stages), window_s=1.0, weights=PressureWeights())
+        stages += two_stages(profiler, wait_s=0.05)
+        by_name = {s.name: s for s in stages}
+        allocator = GreedyAllocator(lambda name, workers: by_name[name].resize(workers), profiler, AllocatorPolicy(interval_s=0.2, cooldown_s=0.3, cpu_slots=2,
                                                                       shrink_after_s=0.5), on_decision=lambda d: None)
         for stage in stages:
             stage.start()
-        jobs = [Job(audio=np.ones(160, np.float32), offset_s=0.0, priority=Priority.BULK) for _ in range(120)]
+        jobs = [new_job() for _ in range(120)]
         for job in jobs:
             await stages[0].put(job)
         loaded = []
@@ -124,6 +131,6 @@ def test_pipeline_view_and_allocator_metrics(server: Server) -> None:
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert {"asr_allocator_decisions", "asr_stage_workers", "asr_stage_queue_depth", "asr_stage_latency_seconds",
             "asr_stage_batch_size", "asr_stage_utilization_ratio", "asr_stage_pressure", "asr_streams_active",
-            "asr_webhook_failures"} <= set(families)
+            "asr_webhook_deliveries"} <= set(families)
     workers = {s.labels["stage"]: s.value for s in families["asr_stage_workers"].samples}
     assert workers == {s["name"]: s["workers"] for s in view["stages"]}

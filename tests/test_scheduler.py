@@ -119,10 +119,65 @@ def test_bounded_queue() -> None:
     assert run(main()) == [[2], [3]]
 
 
+def test_room_is_reserved_per_priority() -> None:
+    """Bulk work fills the queue only up to the reserves; interim steps up to the finals' reserve; a final
+    always finds room, however much bulk work came first."""
+
+    async def main():
+        s = DynamicBatchScheduler(BatchPolicy(max_batch_size=1, max_wait_ms=0, capacity=6, reserved_final=2, reserved_realtime=2))
+        for i in range(2):
+            s.offer(f"bulk{i}", Priority.BULK)
+        with pytest.raises(QueueFull):
+            s.offer("bulk2", Priority.BULK)
+        blocked = asyncio.create_task(s.put("bulk2", Priority.BULK))
+        for i in range(2):
+            s.offer(f"live{i}", Priority.REALTIME)
+        with pytest.raises(QueueFull):
+            s.offer("live2", Priority.REALTIME)
+        for i in range(2):
+            s.offer(f"final{i}", Priority.FINAL)
+        with pytest.raises(QueueFull):
+            s.offer("final2", Priority.FINAL)
+        await asyncio.sleep(0.01)
+        assert not blocked.done()  # bulk waits for bulk room, although the queue has room for a final
+        taken = [await s.next_batch() for _ in range(5)]
+        await asyncio.wait_for(blocked, 5)  # bulk0 taken: room for bulk again
+        return taken + [await s.next_batch() for _ in range(2)]
+
+    assert run(main()) == [["final0"], ["final1"], ["live0"], ["live1"], ["bulk0"], ["bulk1"], ["bulk2"]]
+
+
+def test_bulk_share_never_passes_a_final() -> None:
+    async def main():
+        s = DynamicBatchScheduler(BatchPolicy(max_batch_size=1, max_wait_ms=0, capacity=100, bulk_share=1.0))
+        s.offer("bulk", Priority.BULK)
+        s.offer("final", Priority.FINAL)
+        s.offer("live", Priority.REALTIME)
+        return [await s.next_batch() for _ in range(3)]
+
+    assert run(main()) == [["final"], ["bulk"], ["live"]]
+
+
+def test_a_promoted_item_moves_ahead_and_a_live_only_take_leaves_bulk_work() -> None:
+    async def main():
+        s = DynamicBatchScheduler(BatchPolicy(max_batch_size=4, max_wait_ms=0, capacity=100))
+        for item in ("bulk", "step1", "step2"):
+            s.offer(item, Priority.BULK if item == "bulk" else Priority.REALTIME)
+        s.offer("final", Priority.FINAL)
+        assert s.promote("step2", Priority.FINAL) and not s.promote("missing", Priority.FINAL)
+        assert not s.promote("final", Priority.FINAL)  # not below the target priority: nothing to do
+        return s.take_ready(4, bulk=False), s.take_ready(4)
+
+    live, rest = run(main())
+    assert live == ["step2", "final", "step1"] and rest == ["bulk"]  # step2 waited before the final: it keeps its place
+
+
 def test_policy_validation() -> None:
     with pytest.raises(ValueError, match="max_batch_size"):
         BatchPolicy(max_batch_size=0, max_wait_ms=1, capacity=1)
     with pytest.raises(ValueError, match="capacity"):
         BatchPolicy(max_batch_size=8, max_wait_ms=1, capacity=4)
+    with pytest.raises(ValueError, match="reserved room"):
+        BatchPolicy(max_batch_size=8, max_wait_ms=1, capacity=12, reserved_final=2, reserved_realtime=4)
     with pytest.raises(ValueError, match="bulk_share"):
         BatchPolicy(max_batch_size=1, max_wait_ms=1, capacity=4, bulk_share=1.5)

@@ -11,7 +11,8 @@ import pytest
 from workers.decoding import DecodeRow
 from workers.features import SAMPLE_RATE
 from workers.pipeline import plan_windows
-from workers.postprocess import Guards, PostProcessor, collapse_repeats
+from configs.policies import GuardsPolicy
+from workers.postprocess import PostProcessor, collapse_repeats
 from workers.runner import embedded_model_path
 from workers.tokenizer import WhisperTokenizer
 from workers.weights import ModelFormatError, load_whisper
@@ -37,7 +38,7 @@ def tokenizer() -> WhisperTokenizer:
 def test_segments_from_timestamp_tokens(tokenizer: WhisperTokenizer) -> None:
     ts = lambda s: tokenizer.timestamp_begin + round(s / 0.02)  # noqa: E731
     hello, world = tokenizer.encode(" Hello."), tokenizer.encode(" World.")
-    post = PostProcessor(tokenizer, Guards())
+    post = PostProcessor(tokenizer, GuardsPolicy())
     row = DecodeRow(prompt=[tokenizer.sot], tokens=[ts(0), *hello, ts(2), ts(2), *world, ts(4)], no_speech_prob=0.01)
     result = post.window_result(row, duration_s=10.0, offset_s=30.0)
     assert [(s.start, s.end, s.text) for s in result.segments] == [(30.0, 32.0, "Hello."), (32.0, 34.0, "World.")]
@@ -48,7 +49,7 @@ def test_segments_from_timestamp_tokens(tokenizer: WhisperTokenizer) -> None:
 
 def test_silent_window_gives_nothing(tokenizer: WhisperTokenizer) -> None:
     row = DecodeRow(prompt=[tokenizer.sot], tokens=tokenizer.encode(" Thank you."), no_speech_prob=0.9, sum_logprob=-8.0)
-    assert PostProcessor(tokenizer, Guards()).window_result(row, 5.0, 0.0).segments == []
+    assert PostProcessor(tokenizer, GuardsPolicy()).window_result(row, 5.0, 0.0).segments == []
 
 
 def test_repetition_loops_are_cut() -> None:

@@ -21,6 +21,7 @@ from workers.model import DecoderCache, Whisper
 from workers.tokenizer import WhisperTokenizer
 
 SECONDS_PER_TIMESTAMP = 0.02
+INITIAL_CACHE = (8, 64)  # rows, positions: a decoder's cache starts this small and doubles as its batch needs
 
 
 @dataclass(frozen=True)
@@ -101,15 +102,25 @@ class GreedyDecoder:
         self.suppress_at_begin = torch.tensor(suppress_at_begin, dtype=torch.long, device=device)
         self.timestamp_rules = TimestampRules(tokenizer, options.max_initial_timestamp_s)
         self.rows: list[DecodeRow] = []  # rows[i] lives in slot i of the cache
-        self.cache = DecoderCache(model.decoder, rows=8, length=64, audio_ctx=model.dims.n_audio_ctx)
+        self.cache = self._new_cache()
+
+    def _new_cache(self) -> DecoderCache:
+        return DecoderCache(self.model.decoder, rows=INITIAL_CACHE[0], length=INITIAL_CACHE[1], audio_ctx=self.model.dims.n_audio_ctx)
 
     @property
     def running(self) -> int:
         return len(self.rows)
 
-    def build_prompt(self, previous_text_tokens: list[int], language: str | None) -> list[int]:
-        previous = previous_text_tokens[-self.options.max_prompt_tokens :]
-        return ([self.tokenizer.sot_prev, *previous] if previous else []) + self.tokenizer.sot_sequence(language)
+    def remove(self, rows: list[DecodeRow]) -> None:
+        """Drop ``rows`` from the running batch (their callers have gone) without finishing them."""
+        for row in rows:
+            row.finished = True
+        self._retire()
+
+    def release_memory(self) -> None:
+        """With no row running: give back the cache a large batch grew (it would otherwise stay at its peak)."""
+        if not self.rows and self.cache.capacity > INITIAL_CACHE:
+            self.cache = self._new_cache()
 
     @torch.inference_mode()
     def add(self, rows: list[DecodeRow], audio_features: Tensor) -> list[DecodeRow]:

@@ -41,21 +41,28 @@ class WindowResult:
     covered_s: float
 
 
+@dataclass(frozen=True)
+class WindowOptions:
+    """What a request asked of its decoding, normalised once at the edge (see ``Engine.options``): nothing
+    in it can fail inside a shared batch."""
+
+    language: str | None  # a code the model's tokenizer knows, lower case
+    prompt: tuple[int, ...]  # the decoder's whole prompt: previous text (cut to fit), then the start-of-transcript sequence
+
+
 @dataclass(eq=False)  # a job is itself, not its contents (its audio is an array)
 class Job:
+    """One window and its caller's future. ``data`` is what the last stage made of it (log-mel, encoder
+    output, decoded row, window result): each stage maps its batch's data to new data, nothing else."""
+
     audio: np.ndarray  # float32 PCM at 16 kHz, at most 30 s
     offset_s: float  # where this window starts in the request's audio
     priority: Priority
-    prompt_tokens: list[int] = field(default_factory=list)  # previous text, conditions the decoder
-    language: str | None = None
+    options: WindowOptions
     id: int = field(default_factory=lambda: next(_ids))
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     times: dict[str, StageTimes] = field(default_factory=dict)
-    # what the stages attach on the way: log-mel, encoder output, decoded row, window result
-    mel: Any = None
-    encoded: Any = None
-    decoded: Any = None
-    result: WindowResult | None = None
+    data: Any = None
 
     @property
     def duration_s(self) -> float:
@@ -63,7 +70,7 @@ class Job:
 
     @property
     def abandoned(self) -> bool:
-        """The caller stopped waiting (disconnected, timed out): skip the work."""
+        """The caller stopped waiting (disconnected, timed out, cancelled): skip the work."""
         return self.future.done()
 
     def mark(self, stage: str, event: str) -> None:
@@ -74,9 +81,11 @@ class Job:
             setattr(self.times[stage], event, now)
 
     def fail(self, error: BaseException) -> None:
+        self.data = None  # what the stages attached (encoder output: 1.5 MB) goes with the answer
         if not self.future.done():
             self.future.set_exception(error)
 
     def finish(self, result: WindowResult) -> None:
+        self.data = None
         if not self.future.done():
             self.future.set_result(result)

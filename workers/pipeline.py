@@ -12,18 +12,18 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from configs import Settings
+from configs.policies import EnginePolicy, StagePolicy
 from workers.features import CHUNK_SECONDS, SAMPLE_RATE
-from workers.jobs import Job, Segment
-from workers.postprocess import Guards, PostProcessor
+from workers.jobs import Job, Segment, WindowOptions
+from workers.postprocess import PostProcessor
 from workers.runner import ModelRunner
-from workers.scheduler import Priority
-from workers.stages import Stage, StageObserver, build_stages
+from workers.scheduler import BatchPolicy, Priority
+from workers.stages import DecoderStage, Stage, StageObserver
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class WindowRate:
         self.in_flight = 0  # windows submitted and not finished, queued or being worked on
         self._intervals: deque[float] = deque([initial_s], maxlen=samples)
         self._last = time.monotonic()
+        self.on_finished: Callable[[], None] = lambda: None
 
     def started(self) -> None:
         if self.in_flight == 0:
@@ -62,19 +63,17 @@ class WindowRate:
         self.in_flight += 1
 
     def finished(self, worked: bool) -> None:
+        """A window is answered; only one that was worked to its end counts toward the rate."""
         self.in_flight -= 1
         if worked:
             now = time.monotonic()
             self._intervals.append(now - self._last)
             self._last = now
+        self.on_finished()
 
     @property
     def seconds_per_window(self) -> float:
         return sum(self._intervals) / len(self._intervals)
-
-    def wait_s(self) -> float:
-        """Predicted time until the windows in flight are done."""
-        return self.in_flight * self.seconds_per_window
 
 
 def plan_windows(audio: np.ndarray) -> list[tuple[int, int]]:
@@ -95,14 +94,41 @@ def rms_dbfs(audio: np.ndarray) -> float:
     return 10 * math.log10(float(np.mean(np.square(audio, dtype=np.float64))) + 1e-20)
 
 
+def build_stages(runner: ModelRunner, post: PostProcessor, policies: dict[str, StagePolicy], observer: StageObserver) -> list[Stage]:
+    """features -> acoustic -> decoder -> post, each with its batching policy, pool bounds and device."""
+    model_device = "gpu" if runner.device.type == "cuda" else "cpu"
+
+    def features(jobs: list[Job]) -> list:
+        return [runner.features(job.audio) for job in jobs]
+
+    def acoustic(jobs: list[Job]) -> list:
+        return list(runner.encode([job.data for job in jobs]))
+
+    def postprocess(jobs: list[Job]) -> list:
+        return [post.window_result(job.data, job.duration_s, job.offset_s) for job in jobs]
+
+    def batching(p: StagePolicy) -> BatchPolicy:
+        return BatchPolicy(p.max_batch_size, p.max_wait_ms, p.capacity, p.bulk_share, p.reserved_final, p.reserved_realtime)
+
+    f, a, d, p = (policies[name] for name in ("features", "acoustic", "decoder", "post"))
+    stages = [
+        Stage("features", "cpu", batching(f), f.workers, f.max_workers, features, observer),
+        Stage("acoustic", model_device, batching(a), a.workers, a.max_workers, acoustic, observer),
+        DecoderStage(model_device, batching(d), d.workers, d.max_workers, runner.new_decoder, observer),
+        Stage("post", "cpu", batching(p), p.workers, p.max_workers, postprocess, observer),
+    ]
+    for i, stage in enumerate(stages):
+        stage.upstream = stages[:i]
+        stage.next = stages[i + 1] if i + 1 < len(stages) else None
+    return stages
+
+
 class Pipeline:
-    def __init__(self, runner: ModelRunner, settings: Settings, observer: StageObserver,
-                 deliver: Callable[[Job], Awaitable[None]] | None = None, seconds_per_window: float = 1.0):
+    def __init__(self, runner: ModelRunner, policy: EnginePolicy, observer: StageObserver, seconds_per_window: float = 1.0):
         self.runner = runner
         self.rate = WindowRate(seconds_per_window)
-        self.silence_dbfs = settings.silence_threshold_dbfs
-        guards = Guards(settings.no_speech_threshold, settings.logprob_threshold, settings.compression_ratio_threshold)
-        self.stages: list[Stage] = build_stages(runner, PostProcessor(runner.tokenizer, guards), settings, observer, deliver)
+        self.silence_dbfs = policy.silence_threshold_dbfs
+        self.stages: list[Stage] = build_stages(runner, PostProcessor(runner.tokenizer, policy.guards), policy.stages, observer)
 
     @property
     def entry(self) -> Stage:
@@ -113,21 +139,34 @@ class Pipeline:
             stage.start()
 
     async def stop(self) -> None:
+        """Every window still queued or in a worker's hands is answered (StageStopped)."""
         for stage in self.stages:
             await stage.stop()
 
-    async def transcribe(self, audio: np.ndarray, *, priority: Priority = Priority.BULK,
-                         language: str | None = None, prompt: str | None = None) -> Transcript:
-        """Transcribe float32 16 kHz mono ``audio``; raises :class:`Overloaded` when the queue is full."""
+    def promote(self, jobs: list[Job], priority: Priority) -> None:
+        """Raise the priority of a transcription's windows (an interim step a final now waits for), wherever
+        they wait; those being worked on keep it for the stages after."""
+        for job in jobs:
+            if job.priority > priority and not job.abandoned:
+                for stage in self.stages:
+                    if stage.scheduler.promote(job, priority):
+                        break
+                job.priority = priority
+
+    async def transcribe(self, audio: np.ndarray, options: WindowOptions, priority: Priority = Priority.BULK,
+                         submitted: list[Job] | None = None) -> Transcript:
+        """Transcribe float32 16 kHz mono ``audio``; raises :class:`Overloaded` when the first queue has
+        no room for its windows at its priority. Each window's job is appended to ``submitted`` (so that
+        :meth:`promote` can find them)."""
         windows = plan_windows(audio)
-        if not self.entry.scheduler.has_room(len(windows)):
+        if not self.entry.scheduler.has_room(len(windows), priority):
             raise Overloaded(f"{len(self.entry.scheduler)} windows are waiting; this request needs room for {len(windows)}")
-        prompt_tokens = self.runner.tokenizer.encode(" " + prompt.strip()) if prompt and prompt.strip() else []
         pending: dict[asyncio.Future, tuple[Job, int, int]] = {}
 
-        async def submit(start: int, end: int, redecodes: int) -> None:
-            job = Job(audio=audio[start:end], offset_s=start / SAMPLE_RATE, priority=priority,
-                      prompt_tokens=prompt_tokens, language=language)
+        async def submit(start: int, end: int, redecodes: int, priority: Priority) -> None:
+            job = Job(audio=audio[start:end], offset_s=start / SAMPLE_RATE, priority=priority, options=options)
+            if submitted is not None:
+                submitted.append(job)
             pending[job.future] = (job, end, redecodes)
             self.rate.started()
             job.future.add_done_callback(lambda f: self.rate.finished(not f.cancelled() and f.exception() is None))
@@ -137,7 +176,7 @@ class Pipeline:
         try:
             for start, end in windows:
                 if rms_dbfs(audio[start:end]) >= self.silence_dbfs:  # Whisper hallucinates on silence
-                    await submit(start, end, 0)
+                    await submit(start, end, 0, priority)
             while pending:
                 done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for future in done:
@@ -146,9 +185,9 @@ class Pipeline:
                     segments += result.segments
                     resume = int((job.offset_s + result.covered_s) * SAMPLE_RATE)
                     if (end - resume) / SAMPLE_RATE >= MIN_REDECODE_S and redecodes < MAX_REDECODES:
-                        await submit(resume, end, redecodes + 1)
+                        await submit(resume, end, redecodes + 1, job.priority)  # promoted or not
         finally:
             for future in pending:
-                future.cancel()  # the caller has gone or a window failed: the rest is skipped
+                future.cancel()  # the caller has gone or a window failed: the rest is dropped, even mid-decode
         segments.sort(key=lambda s: (s.start, s.end))
         return Transcript(segments=segments, duration_s=len(audio) / SAMPLE_RATE)

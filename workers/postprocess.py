@@ -3,19 +3,10 @@
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
-
+from configs.policies import GuardsPolicy
 from workers.decoding import SECONDS_PER_TIMESTAMP, DecodeRow
 from workers.jobs import Segment, WindowResult
 from workers.tokenizer import WhisperTokenizer
-
-
-@dataclass(frozen=True)
-class Guards:
-    no_speech_threshold: float = 0.6  # with logprob_threshold: Whisper's rule for a silent window
-    logprob_threshold: float = -1.0
-    compression_ratio_threshold: float = 2.4  # text that compresses better than this is looping
-    max_repeats: int = 2  # a looping phrase is kept at most this many times in a row
 
 
 def compression_ratio(text: str) -> float:
@@ -44,7 +35,7 @@ def collapse_repeats(words: list[str], max_repeats: int, longest_phrase: int = 2
 
 
 class PostProcessor:
-    def __init__(self, tokenizer: WhisperTokenizer, guards: Guards):
+    def __init__(self, tokenizer: WhisperTokenizer, guards: GuardsPolicy):
         self.tokenizer = tokenizer
         self.guards = guards
 

@@ -67,6 +67,12 @@ class ModelRunner:
         batch = torch.stack(mels).to(self.device, self.dtype, non_blocking=True)
         return self.model.encoder(batch)
 
+    def prompt(self, previous_text_tokens: list[int], language: str | None) -> tuple[int, ...]:
+        """The decoder's prompt: the previous text's last tokens (leaving room to sample), then the
+        start-of-transcript sequence of ``language``."""
+        previous = previous_text_tokens[-self.options.max_prompt_tokens :]
+        return tuple(([self.tokenizer.sot_prev, *previous] if previous else []) + self.tokenizer.sot_sequence(language))
+
     def new_decoder(self) -> GreedyDecoder:
         return GreedyDecoder(self.model, self.tokenizer, self.options, self.suppress_tokens, self.suppress_at_begin)
 
@@ -80,7 +86,7 @@ class ModelRunner:
         encoder_s = time.perf_counter() - started
         decoder = self.new_decoder()
         started = time.perf_counter()
-        decoder.add([DecodeRow(prompt=decoder.build_prompt([], None))], encoded)
+        decoder.add([DecodeRow(prompt=list(self.prompt([], None)))], encoded)
         while decoder.running:
             decoder.step()
         self._sync()

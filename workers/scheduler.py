@@ -2,10 +2,15 @@
 
 A batch closes when it reaches the target size, when its oldest item has waited ``max_wait_ms``, or
 as soon as the caller says nothing more is on its way, whichever comes first: a real deadline, not a
-polling interval. Live-stream work is served before bulk work (REST files), and the end of an
-utterance before a stream's interim steps, except that ``bulk_share`` of the items taken go to bulk
-work whenever some waits: a steady stream load cannot starve a REST request forever. The queue is
-bounded: ``put`` waits for room (back-pressure on the stage before), ``offer`` refuses at once.
+polling interval. The end of an utterance goes before a stream's interim steps, which go before bulk
+work (REST files), except that ``bulk_share`` of the items taken go to bulk work ahead of interim steps
+whenever some waits: a steady stream load cannot starve a REST request forever (finals are never
+passed: there are never more of them than open streams).
+
+The queue is bounded, and room is reserved per priority (Triton's per-priority queue policy): bulk work
+may fill the queue only up to ``capacity - reserved_final - reserved_realtime``, interim steps up to
+``capacity - reserved_final``, so a burst of REST files can never leave a stream's final without room.
+``put`` waits for room (back-pressure on the stage before), ``offer`` refuses at once.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ class Priority(enum.IntEnum):
 
 
 class QueueFull(Exception):
-    """The scheduler's queue holds ``capacity`` items already."""
+    """The scheduler has no room left for this priority."""
 
 
 @dataclass(frozen=True)
@@ -37,16 +42,54 @@ class BatchPolicy:
     max_wait_ms: float  # ... or once its oldest item has waited this long
     capacity: int  # most items waiting; beyond it put() waits and offer() refuses
     bulk_share: float = 0.0  # least share of the items taken that go to waiting bulk work
+    reserved_final: int = 0  # room only finals may take
+    reserved_realtime: int = 0  # room only finals and interim steps may take
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {self.max_batch_size}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be 0 or more, got {self.max_wait_ms}")
-        if self.capacity < self.max_batch_size:
-            raise ValueError(f"capacity ({self.capacity}) must hold at least one batch ({self.max_batch_size})")
+        if self.reserved_final < 0 or self.reserved_realtime < 0:
+            raise ValueError("reserved room cannot be negative")
+        if self.room_for(Priority.BULK) < self.max_batch_size:
+            raise ValueError(f"capacity ({self.capacity}) less the reserved room ({self.reserved_final} + {self.reserved_realtime}) "
+                             f"must hold at least one batch ({self.max_batch_size})")
         if not 0 <= self.bulk_share <= 1:
             raise ValueError(f"bulk_share must be between 0 and 1, got {self.bulk_share}")
+
+    def room_for(self, priority: Priority) -> int:
+        """How full the queue may be once an item of ``priority`` is in it."""
+        if priority is Priority.FINAL:
+            return self.capacity
+        if priority is Priority.REALTIME:
+            return self.capacity - self.reserved_final
+        return self.capacity - self.reserved_final - self.reserved_realtime
+
+
+class Signal:
+    """Wakes every waiter at once, and can be set from plain synchronous code: unlike asyncio.Condition it
+    needs no lock, so no task has to be spawned to notify."""
+
+    def __init__(self) -> None:
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def notify(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self, timeout_s: float | None = None) -> None:
+        """Until the next notify, or ``timeout_s``."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await asyncio.wait([waiter], timeout=timeout_s)
+        finally:
+            if not waiter.done():
+                waiter.cancel()
+                self._waiters.remove(waiter)
 
 
 @dataclass
@@ -59,7 +102,7 @@ class DynamicBatchScheduler(Generic[T]):
     def __init__(self, policy: BatchPolicy):
         self.policy = policy
         self._queues: dict[Priority, deque[_Entry[T]]] = {p: deque() for p in Priority}
-        self._changed = asyncio.Condition()
+        self.changed = Signal()  # an item came or went
         # earned by every item taken, spent by a bulk item taken ahead of live work; capped at one so an
         # idle bulk queue cannot bank a burst for later
         self._bulk_credit = 0.0
@@ -67,38 +110,55 @@ class DynamicBatchScheduler(Generic[T]):
     def __len__(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
+    def depth(self, priority: Priority) -> int:
+        return len(self._queues[priority])
+
     def oldest_wait_s(self) -> float:
         heads = [q[0].enqueued for q in self._queues.values() if q]
         return time.monotonic() - min(heads) if heads else 0.0
 
-    def has_room(self, items: int = 1) -> bool:
-        return len(self) + items <= self.policy.capacity
+    def has_room(self, items: int = 1, priority: Priority = Priority.BULK) -> bool:
+        return len(self) + items <= self.policy.room_for(priority)
 
     async def put(self, item: T, priority: Priority) -> None:
-        """Enqueue, waiting while the queue is full."""
-        async with self._changed:
-            await self._changed.wait_for(self.has_room)
-            self._queues[priority].append(_Entry(item))
-            self._changed.notify_all()
+        """Enqueue, waiting while there is no room for this priority."""
+        while not self.has_room(1, priority):
+            await self.changed.wait()
+        self._queues[priority].append(_Entry(item))
+        self.changed.notify()
 
     def offer(self, item: T, priority: Priority) -> None:
         """Enqueue now or raise :class:`QueueFull`."""
-        if not self.has_room():
-            raise QueueFull(f"{len(self)} items waiting, capacity {self.policy.capacity}")
+        if not self.has_room(1, priority):
+            raise QueueFull(f"{len(self)} items waiting, room for {self.policy.room_for(priority)} at priority {priority.name}")
         self._queues[priority].append(_Entry(item))
-        self._wake()
+        self.changed.notify()
 
     def requeue(self, item: T, priority: Priority) -> None:
         """Put an item that was taken back at the head of its queue, room or not: it was admitted once."""
         self._queues[priority].appendleft(_Entry(item))
-        self._wake()
+        self.changed.notify()
 
-    def _wake(self) -> None:
-        async def notify() -> None:
-            async with self._changed:
-                self._changed.notify_all()
+    def promote(self, item: T, priority: Priority) -> bool:
+        """Move a waiting ``item`` to the (higher) ``priority``'s queue, keeping its place in time; False if
+        it is not waiting here. Room is not checked: it was admitted once."""
+        for queue in list(self._queues.values())[priority + 1 :]:
+            for entry in queue:
+                if entry.item is item:
+                    queue.remove(entry)
+                    target = self._queues[priority]
+                    target.insert(next((i for i, e in enumerate(target) if e.enqueued > entry.enqueued), len(target)), entry)
+                    self.changed.notify()
+                    return True
+        return False
 
-        asyncio.get_running_loop().create_task(notify())
+    def take_all(self) -> list[T]:
+        """Empty the queue (the stage is stopping): every item, so that each can be answered."""
+        items = [entry.item for queue in self._queues.values() for entry in queue]
+        for queue in self._queues.values():
+            queue.clear()
+        self.changed.notify()
+        return items
 
     async def next_batch(self, max_items: int | None = None, more_coming: Callable[[], bool] = lambda: True) -> list[T]:
         """Wait for work, then for the batch to fill or its deadline; return it (never empty).
@@ -108,27 +168,22 @@ class DynamicBatchScheduler(Generic[T]):
         for a batch to fill.
         """
         limit = min(max_items or self.policy.max_batch_size, self.policy.max_batch_size)
-        async with self._changed:
-            await self._changed.wait_for(lambda: len(self) > 0)
+        while True:
+            while not len(self):
+                await self.changed.wait()
             deadline = self._oldest_enqueued() + self.policy.max_wait_ms / 1000
-            while len(self) < limit and more_coming() and not self._live_waiting():
+            while len(self) and len(self) < limit and more_coming() and not self._live_waiting():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                try:
-                    await asyncio.wait_for(self._changed.wait(), remaining)
-                except TimeoutError:
-                    break
-            batch = self._take(limit)
-            self._changed.notify_all()
-            return batch
+                await self.changed.wait(remaining)
+            if len(self):  # else another worker took it meanwhile: wait again
+                return self._take(limit)
 
-    def take_ready(self, max_items: int) -> list[T]:
-        """Whatever is waiting, up to ``max_items``, without waiting (joins a running batch)."""
-        batch = self._take(min(max_items, self.policy.max_batch_size))
-        if batch:
-            self._wake()
-        return batch
+    def take_ready(self, max_items: int, bulk: bool = True) -> list[T]:
+        """Whatever is waiting, up to ``max_items``, without waiting (joins a running batch); live work only
+        when not ``bulk``."""
+        return self._take(min(max_items, self.policy.max_batch_size), bulk)
 
     def _live_waiting(self) -> bool:
         return bool(self._queues[Priority.FINAL] or self._queues[Priority.REALTIME])
@@ -136,14 +191,19 @@ class DynamicBatchScheduler(Generic[T]):
     def _oldest_enqueued(self) -> float:
         return min(q[0].enqueued for q in self._queues.values() if q)
 
-    def _take(self, limit: int) -> list[T]:
+    def _take(self, limit: int, with_bulk: bool = True) -> list[T]:
         batch: list[T] = []
-        bulk = self._queues[Priority.BULK]
-        while len(batch) < limit and len(self):
+        final, bulk = self._queues[Priority.FINAL], self._queues[Priority.BULK]
+        while len(batch) < limit and (len(self) if with_bulk else len(self) - len(bulk)):
+            if final:
+                batch.append(final.popleft().item)
+                continue
             self._bulk_credit = min(1.0, self._bulk_credit + self.policy.bulk_share)
-            if bulk and self._bulk_credit >= 1.0:
+            if bulk and with_bulk and self._bulk_credit >= 1.0:
                 self._bulk_credit -= 1.0
                 batch.append(bulk.popleft().item)
             else:
-                batch.append(next(q for q in self._queues.values() if q).popleft().item)
+                batch.append(next(q for p, q in self._queues.items() if q and (with_bulk or p is not Priority.BULK)).popleft().item)
+        if batch:
+            self.changed.notify()  # room for whoever waits in put()
         return batch

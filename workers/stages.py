@@ -2,38 +2,50 @@
 
 A worker takes a batch from its scheduler, runs the blocking compute in the stage's executor (never on
 the event loop), and hands each job to the next stage's scheduler, waiting while that queue is full.
-A failure fails only the jobs of that batch; the worker carries on. A batch that runs out of GPU memory
-is split in two and each half retried, down to single jobs.
+
+Every worker is supervised: whatever it raises, anywhere, fails exactly the jobs it held at that moment
+(never a job it already handed on), is counted, and the worker starts again. A failure inside a batch's
+compute fails only that batch. A batch that runs out of GPU memory is split in two and each half retried
+once the failed attempt's memory is freed, down to single jobs; a single job that still does not fit fails
+alone. Stopping a stage answers every job still queued or in a worker's hands.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Protocol
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 
 from workers.decoding import DecodeRow, GreedyDecoder, token_budget
 from workers.jobs import Job
-from workers.postprocess import PostProcessor
-from workers.runner import ModelRunner
-from workers.scheduler import BatchPolicy, DynamicBatchScheduler
+from workers.scheduler import BatchPolicy, DynamicBatchScheduler, Priority
 
 log = logging.getLogger(__name__)
 
+RESTART_BACKOFF_S = (0.05, 5.0)  # a worker that keeps failing is restarted ever more slowly, up to 5 s apart
+HEALTHY_AFTER_S = 10.0  # a worker that ran this long before it failed starts again at once
+IDLE_RELEASE_S = 5.0  # a decoder idle this long gives back the memory of its cache
+
 
 class StageObserver(Protocol):
-    """What a stage reports; the metrics layer implements it, the stages do not know Prometheus."""
+    """What a stage reports, as plain numbers; the metrics and the profiler implement it."""
 
     def batch_done(self, stage: str, size: int, busy_s: float) -> None: ...
 
-    def jobs_done(self, stage: str, jobs: list[Job]) -> None: ...
+    def window_done(self, stage: str, waited_s: float, worked_s: float, audio_s: float) -> None: ...
 
-    def batch_failed(self, stage: str, jobs: list[Job], error: BaseException) -> None: ...
+    def windows_failed(self, stage: str, count: int) -> None: ...
+
+    def windows_abandoned(self, stage: str, count: int) -> None: ...
+
+    def worker_restarted(self, stage: str) -> None: ...
 
 
 class ObserverGroup:
@@ -46,41 +58,93 @@ class ObserverGroup:
         for observer in self.observers:
             observer.batch_done(stage, size, busy_s)
 
-    def jobs_done(self, stage: str, jobs: list[Job]) -> None:
+    def window_done(self, stage: str, waited_s: float, worked_s: float, audio_s: float) -> None:
         for observer in self.observers:
-            observer.jobs_done(stage, jobs)
+            observer.window_done(stage, waited_s, worked_s, audio_s)
 
-    def batch_failed(self, stage: str, jobs: list[Job], error: BaseException) -> None:
+    def windows_failed(self, stage: str, count: int) -> None:
         for observer in self.observers:
-            observer.batch_failed(stage, jobs, error)
+            observer.windows_failed(stage, count)
+
+    def windows_abandoned(self, stage: str, count: int) -> None:
+        for observer in self.observers:
+            observer.windows_abandoned(stage, count)
+
+    def worker_restarted(self, stage: str) -> None:
+        for observer in self.observers:
+            observer.worker_restarted(stage)
+
+
+class StageError(RuntimeError):
+    """Model work on a batch failed; the request's audio was fine as far as the service can tell."""
+
+    def __init__(self, stage: str, cause: str):
+        super().__init__(f"the {stage} stage failed on this request's batch: {cause}")
+        self.stage = stage
+
+
+class StageStopped(RuntimeError):
+    """The engine stopped before this window was done."""
+
+    def __init__(self, stage: str):
+        super().__init__(f"the {stage} stage stopped before this window was done")
+        self.stage = stage
+
+
+@dataclass(frozen=True)
+class StageSnapshot:
+    name: str
+    device: str  # cpu | gpu: whose budget the allocator spends on it
+    workers: int
+    min_workers: int
+    max_workers: int
+    busy_workers: int
+    queue_depth: int
+    queue_capacity: int
+    queue_oldest_s: float
+    restarts: int  # workers restarted after a failure outside a batch's compute
+
+
+def free_memory() -> None:
+    """After an out-of-memory error, before the retry: the failed attempt's tensors (its traceback's frames)
+    are collected and the allocator's cached blocks handed back."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 class Stage:
-    """A pool of asyncio workers in front of one scheduler. The pool can grow and shrink while work
-    flows: a new worker simply starts taking batches; a worker told to leave that is waiting for work
+    """A pool of supervised asyncio workers in front of one scheduler. The pool can grow and shrink while
+    work flows: a new worker simply starts taking batches; a worker told to leave that is waiting for work
     is cancelled at once (it holds nothing), one that is busy leaves after the batch in its hands."""
 
-    def __init__(self, name: str, policy: BatchPolicy, workers: int, max_workers: int,
-                 process: Callable[[list[Job]], None] | None, observer: StageObserver,
-                 after: Callable[[Job], Awaitable[None]] | None = None):
+    def __init__(self, name: str, device: str, policy: BatchPolicy, workers: int, max_workers: int,
+                 process: Callable[[list[Job]], list[Any]] | None, observer: StageObserver):
         self.name = name
+        self.device = device
         self.scheduler: DynamicBatchScheduler[Job] = DynamicBatchScheduler(policy)
         self.min_workers, self.max_workers = workers, max(workers, max_workers)
-        self.process = process
-        self.after = after  # awaited for each job once its batch is done (I/O such as a webhook)
+        self.process = process  # a batch's jobs -> their new data, one each, in the stage's executor
         self.observer = observer
         self.next: Stage | None = None
         self.upstream: list[Stage] = []  # the stages before this one, whose work will arrive here
         self.busy_workers = 0
+        self.restarts = 0
         # threads start on demand, so room for the largest pool costs nothing until it is used
         self._executor = ThreadPoolExecutor(max_workers=self.max_workers, thread_name_prefix=f"stage-{name}")
-        self._tasks: set[asyncio.Task] = set()
+        self._held: dict[asyncio.Task, list[Job]] = {}  # per worker: the jobs it must answer if it fails
         self._waiting: set[asyncio.Task] = set()  # workers waiting in the scheduler, holding no work
         self._leaving = 0  # busy workers told to leave after their batch
+        self._stopping = False
 
     @property
     def workers(self) -> int:
-        return len(self._tasks) - self._leaving
+        return len(self._held) - self._leaving
+
+    def snapshot(self) -> StageSnapshot:
+        return StageSnapshot(self.name, self.device, self.workers, self.min_workers, self.max_workers, self.busy_workers,
+                             len(self.scheduler), self.scheduler.policy.capacity, round(self.scheduler.oldest_wait_s(), 3),
+                             self.restarts)
 
     def start(self) -> None:
         self.resize(self.min_workers)
@@ -92,13 +156,12 @@ class Stage:
             if self._leaving:
                 self._leaving -= 1
             else:
-                task = asyncio.create_task(self._work(), name=f"{self.name}-worker")
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                task = asyncio.create_task(self._supervise(), name=f"{self.name}-worker")
+                self._held[task] = []
         while self.workers > workers:
             if self._waiting:
                 task = self._waiting.pop()
-                self._tasks.discard(task)
+                self._held.pop(task, None)
                 task.cancel()
             else:
                 self._leaving += 1
@@ -110,6 +173,44 @@ class Stage:
             return True
         return False
 
+    async def _supervise(self) -> None:
+        task = asyncio.current_task()
+        failures = 0
+        try:
+            while True:
+                held = self._held.setdefault(task, [])
+                began = time.monotonic()
+                try:
+                    await self._work(held)
+                    return  # told to leave
+                except asyncio.CancelledError:
+                    self._fail(held, StageStopped(self.name))
+                    raise
+                except Exception as error:  # noqa: BLE001 - supervision: answer what it held, start again
+                    log.exception("stage %s: a worker failed holding %d windows; restarting it", self.name, len(held))
+                    self._fail(held, StageError(self.name, type(error).__name__))
+                    held.clear()
+                self.restarts += 1
+                self.observer.worker_restarted(self.name)
+                failures = 1 if time.monotonic() - began >= HEALTHY_AFTER_S else failures + 1
+                await asyncio.sleep(min(RESTART_BACKOFF_S[1], RESTART_BACKOFF_S[0] * 2 ** (failures - 1)))
+        finally:
+            self._held.pop(task, None)
+
+    def _fail(self, jobs: list[Job], error: BaseException) -> None:
+        pending = [job for job in jobs if not job.abandoned]
+        if pending:
+            self.observer.windows_failed(self.name, len(pending))
+        for job in pending:
+            job.fail(error)
+
+    def _live(self, jobs: list[Job]) -> list[Job]:
+        """The jobs whose caller still waits; the others are counted and dropped."""
+        live = [job for job in jobs if not job.abandoned]
+        if len(live) < len(jobs):
+            self.observer.windows_abandoned(self.name, len(jobs) - len(live))
+        return live
+
     async def _wait_for_work(self, take: Callable[[], Awaitable[list[Job]]]) -> list[Job]:
         task = asyncio.current_task()
         self._waiting.add(task)
@@ -119,13 +220,20 @@ class Stage:
             self._waiting.discard(task)
 
     async def stop(self) -> None:
-        tasks = list(self._tasks)
+        """Answer what is queued, cancel the workers (each answers what it holds), release the threads."""
+        self._stopping = True
+        self._fail(self.scheduler.take_all(), StageStopped(self.name))
+        tasks = list(self._held)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._fail(self.scheduler.take_all(), StageStopped(self.name))  # handed on by the stage before meanwhile
+        await asyncio.to_thread(self._executor.shutdown, True, cancel_futures=True)
 
     async def put(self, job: Job) -> None:
+        if self._stopping:
+            job.fail(StageStopped(self.name))
+            return
         job.mark(self.name, "enqueued")
         await self.scheduler.put(job, job.priority)
 
@@ -135,12 +243,13 @@ class Stage:
     async def run_blocking(self, fn: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def _work(self) -> None:
+    async def _work(self, held: list[Job]) -> None:
         while not self._should_leave():
             batch = await self._wait_for_work(lambda: self.scheduler.next_batch(more_coming=self.more_coming))
-            batch = [job for job in batch if not job.abandoned]
-            if batch:
-                await self._run(batch)
+            held[:] = self._live(batch)
+            if held:
+                await self._run(held)
+            held.clear()
 
     async def _run(self, batch: list[Job]) -> None:
         for job in batch:
@@ -148,164 +257,156 @@ class Stage:
         started = time.monotonic()
         self.busy_workers += 1
         try:
-            await self._compute(batch)
-            if self.after is not None:  # part of the stage's work: the profiler must see its time
-                for job in batch:
-                    await self.after(job)
-        except Exception as error:  # noqa: BLE001 - a failed batch fails its jobs, not the worker
-            log.exception("stage %s: batch of %d failed", self.name, len(batch))
-            self.observer.batch_failed(self.name, batch, error)
-            for job in batch:
-                job.fail(StageError(self.name, error))
-            return
+            done = await self._compute(batch)
         finally:
             self.busy_workers -= 1
+            self._upstream_changed()
         self.observer.batch_done(self.name, len(batch), time.monotonic() - started)
-        await self._hand_on(batch)
+        batch[:] = done  # what the worker still holds: the failed jobs are answered
+        await self._hand_on(batch, done)
 
-    async def _compute(self, batch: list[Job]) -> None:
-        try:
-            await self.run_blocking(self.process, batch)
-        except torch.OutOfMemoryError:
-            if len(batch) == 1:
-                raise
-            free_cached_memory()
-            half = len(batch) // 2
-            log.warning("stage %s: out of memory on a batch of %d; retrying as %d + %d", self.name, len(batch), half,
-                        len(batch) - half)
-            await self._compute(batch[:half])
-            await self._compute(batch[half:])
+    async def _compute(self, batch: list[Job]) -> list[Job]:
+        """Run the batch; returns the jobs that succeeded, having failed the others."""
+        done, parts = [], [batch]
+        while parts:
+            part = parts.pop(0)
+            try:
+                outputs = await self.run_blocking(self.process, part)
+            except torch.OutOfMemoryError:
+                failure = None  # nothing of the error is kept: its traceback holds the attempt's tensors
+            except Exception as error:  # noqa: BLE001 - a failed batch fails its jobs, not the worker
+                log.exception("stage %s: batch of %d failed", self.name, len(part))
+                failure = type(error).__name__
+            else:
+                for job, output in zip(part, outputs):
+                    job.data = output
+                done += part
+                continue
+            if failure is None:
+                free_memory()
+                if len(part) > 1:
+                    half = len(part) // 2
+                    log.warning("stage %s: out of memory on a batch of %d; retrying as %d + %d", self.name, len(part), half, len(part) - half)
+                    parts[:0] = [part[:half], part[half:]]
+                    continue
+                failure = "OutOfMemoryError"
+            self._fail(part, StageError(self.name, failure))
+        return done
 
-    async def _hand_on(self, jobs: list[Job]) -> None:
-        for job in jobs:
+    def _upstream_changed(self) -> None:
+        """A batch of this stage ended: a later stage waiting for it to fill may now know nothing more comes."""
+        stage = self.next
+        while stage is not None:
+            stage.scheduler.changed.notify()
+            stage = stage.next
+
+    async def _hand_on(self, held: list[Job], done: list[Job]) -> None:
+        """Pass each of ``done`` on, and drop it from ``held`` (all the worker must answer for) as it goes: a
+        handed-on job is the next stage's to answer."""
+        done = list(done)
+        for job in done:
             job.mark(self.name, "finished")
-        self.observer.jobs_done(self.name, jobs)
-        for job in jobs:
+            times = job.times[self.name]
+            self.observer.window_done(self.name, times.started - times.enqueued, times.finished - times.started, job.duration_s)
+        for job in done:
             if self.next is None:
-                job.finish(job.result)
+                job.finish(job.data)
             else:
                 await self.next.put(job)
-
-
-def free_cached_memory() -> None:
-    """After an out-of-memory error: hand the allocator's cached blocks back before the retry."""
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-class StageError(RuntimeError):
-    """Model work on a batch failed; the request's audio was fine as far as the service can tell."""
-
-    def __init__(self, stage: str, cause: BaseException):
-        super().__init__(f"the {stage} stage failed on this request's batch: {type(cause).__name__}")
-        self.stage = stage
+            held.remove(job)
 
 
 class DecoderStage(Stage):
     """The decoder runs iteration-level batching: between two tokens its running batch takes in the
-    rows waiting in the queue and hands on the rows that finished, so nobody waits for the longest row.
+    rows waiting in the queue, hands on the rows that finished and drops the rows whose caller has gone
+    (TGI's filter-batch), so nobody waits for the longest row and abandoned work stops within a token.
 
     An idle decoder starts a new batch only once the encoder has nothing more for it, or the batch is
     full, or ``max_wait_ms`` has passed. On the CPU a step costs 11 ms for one row and 25 ms for eight
     (tiny.en, 2 cores), and steps taken for one row at a time slow the encoder they share the cores with.
+    A worker told to leave under load takes no new rows and leaves once its running rows are finished.
     """
 
-    def __init__(self, policy: BatchPolicy, workers: int, max_workers: int, runner: ModelRunner, observer: StageObserver):
-        super().__init__("decoder", policy, workers, max_workers, None, observer)
-        self.runner = runner
+    def __init__(self, device: str, policy: BatchPolicy, workers: int, max_workers: int,
+                 new_decoder: Callable[[], GreedyDecoder], observer: StageObserver):
+        super().__init__("decoder", device, policy, workers, max_workers, None, observer)
+        self.new_decoder = new_decoder
 
-    async def _work(self) -> None:
-        decoder = self.runner.new_decoder()
+    async def _work(self, held: list[Job]) -> None:
+        decoder = self.new_decoder()
         full = capacity = self.scheduler.policy.max_batch_size
+        leaving = False
         while True:
-            if decoder.running:
-                joining = self.scheduler.take_ready(capacity - decoder.running)
-            elif self._should_leave():  # only with an empty batch: its rows are finished first
+            leaving = leaving or self._should_leave()
+            if leaving and not decoder.running:
                 return
+            gone = [row for row in decoder.rows if row.owner.abandoned]
+            if gone:
+                self.observer.windows_abandoned(self.name, len(gone))
+            if decoder.running or leaving:
+                # while a stream's rows run, no bulk row joins: each one would make every step of theirs slower
+                live = any(row.owner.priority is not Priority.BULK for row in decoder.rows)
+                joining = [] if leaving else self.scheduler.take_ready(capacity - decoder.running, bulk=not live)
             else:
-                joining = await self._wait_for_work(lambda: self.scheduler.next_batch(capacity, self.more_coming))
-            joining = [job for job in joining if not job.abandoned]
+                joining = await self._wait_for_work(lambda: self._next_batch(decoder, capacity))
+            joining = self._live(joining)
+            held[:] = [row.owner for row in decoder.rows if not row.owner.abandoned] + joining
             for job in joining:
                 job.mark(self.name, "started")
-            started, size = time.monotonic(), decoder.running + len(joining)
+            started, size = time.monotonic(), decoder.running - len(gone) + len(joining)
             self.busy_workers += 1
+            failure: str | None = None
             try:
-                finished = await self.run_blocking(self._advance, decoder, joining)
-            except Exception as error:  # noqa: BLE001 - fail (or retry) the running batch, start a fresh one
-                rows = list(dict.fromkeys(joining + [row.owner for row in decoder.rows]))
-                decoder = self.runner.new_decoder()
-                if isinstance(error, torch.OutOfMemoryError) and size > 1:
-                    # the cache of the whole batch is gone: its rows start again, at most half as many at a time
-                    capacity = max(1, size // 2)
-                    free_cached_memory()
-                    log.warning("stage decoder: out of memory with %d rows; restarting them %d at a time", size, capacity)
-                    for job in reversed(rows):
-                        job.mark(self.name, "enqueued")
-                        self.scheduler.requeue(job, job.priority)
-                    continue
-                log.exception("stage decoder: running batch of %d failed", len(rows))
-                self.observer.batch_failed(self.name, rows, error)
-                for job in rows:
-                    job.fail(StageError(self.name, error))
-                continue
+                finished = await self.run_blocking(self._advance, decoder, joining, gone)
+            except torch.OutOfMemoryError:
+                failure = "OutOfMemoryError"  # nothing of the error is kept: its traceback holds the batch's tensors
+            except Exception as error:  # noqa: BLE001 - fail the running batch, start a fresh one
+                log.exception("stage decoder: running batch of %d failed", size)
+                failure = type(error).__name__
             finally:
                 self.busy_workers -= 1
+                self._upstream_changed()
+            if failure is not None:
+                decoder = None  # its cache goes before a new one is made
+                if failure == "OutOfMemoryError" and size > 1:
+                    # the cache of the whole batch is gone: its rows start again, at most half as many at a time
+                    free_memory()
+                    capacity = max(1, size // 2)
+                    log.warning("stage decoder: out of memory with %d rows; restarting them %d at a time", size, capacity)
+                    for job in reversed(held):
+                        job.mark(self.name, "enqueued")
+                        self.scheduler.requeue(job, job.priority)
+                else:
+                    self._fail(held, StageError(self.name, failure))
+                held.clear()
+                decoder = self.new_decoder()
+                continue
             self.observer.batch_done(self.name, size, time.monotonic() - started)
             if not decoder.running:
                 capacity = full  # the smaller batch after running out of memory lasts until its rows are done
-            if finished:
-                await self._hand_on(finished)
+            if finished:  # the worker answers for its running rows too until they are handed on
+                held[:] = [row.owner for row in decoder.rows] + finished
+                await self._hand_on(held, finished)
 
-    def _advance(self, decoder: GreedyDecoder, joining: list[Job]) -> list[Job]:
-        """One iteration: take in the joining rows, then sample one token for every row."""
+    async def _next_batch(self, decoder: GreedyDecoder, capacity: int) -> list[Job]:
+        """The next rows; a decoder idle for IDLE_RELEASE_S first gives back the cache a large batch grew
+        (at once would cost a regrowth, hundreds of MB copied, between every two batches of a busy server)."""
+        try:
+            return await asyncio.wait_for(self.scheduler.next_batch(capacity, self.more_coming), IDLE_RELEASE_S)
+        except TimeoutError:  # nothing was taken: next_batch takes its items only once it returns
+            decoder.release_memory()
+            return await self.scheduler.next_batch(capacity, self.more_coming)
+
+    @staticmethod
+    def _advance(decoder: GreedyDecoder, joining: list[Job], gone: list[DecodeRow]) -> list[Job]:
+        """One iteration: drop the abandoned rows, take in the joining ones, then sample one token for every row."""
+        decoder.remove(gone)
         finished = []
         if joining:
-            rows = [DecodeRow(prompt=decoder.build_prompt(job.prompt_tokens, job.language), owner=job,
-                              max_tokens=token_budget(job.duration_s)) for job in joining]
-            finished += decoder.add(rows, torch.stack([job.encoded for job in joining]))
+            rows = [DecodeRow(prompt=list(job.options.prompt), owner=job, max_tokens=token_budget(job.duration_s))
+                    for job in joining]
+            finished += decoder.add(rows, torch.stack([job.data for job in joining]))
         finished += decoder.step()
         for row in finished:
-            row.owner.decoded = row
+            row.owner.data = row
         return [row.owner for row in finished]
-
-
-def build_stages(runner: ModelRunner, post: PostProcessor, settings, observer: StageObserver,
-                 deliver: Callable[[Job], Awaitable[None]] | None = None) -> list[Stage]:
-    """features -> acoustic -> decoder -> post, with each stage's batching policy and pool bounds from
-    the settings; ``deliver`` (e.g. a webhook) is awaited for each window once it is post-processed."""
-    on_gpu = runner.device.type == "cuda"
-    # on the CPU one encoder or decoder batch already keeps every core busy: a second worker only competes
-    model_max = settings.model_max_workers or (4 if on_gpu else 1)
-    capacity = settings.queue_capacity
-    acoustic_batch = settings.acoustic_max_batch_size or (16 if on_gpu else 1)
-    decoder_batch = settings.decoder_max_batch_size or (64 if on_gpu else 16)
-
-    def features(jobs: list[Job]) -> None:
-        for job in jobs:
-            job.mel = runner.features(job.audio)
-
-    def acoustic(jobs: list[Job]) -> None:
-        encoded = runner.encode([job.mel for job in jobs])
-        for job, row in zip(jobs, encoded):
-            job.encoded, job.mel = row, None
-
-    def postprocess(jobs: list[Job]) -> None:
-        for job in jobs:
-            job.result = post.window_result(job.decoded, job.duration_s, job.offset_s)
-            job.encoded = None
-
-    def policy(batch: int, wait_ms: float) -> BatchPolicy:
-        return BatchPolicy(batch, wait_ms, max(capacity, batch), settings.bulk_share)
-
-    stages = [
-        Stage("features", policy(1, 0.0), settings.features_workers, settings.cpu_stage_max_workers, features, observer),
-        Stage("acoustic", policy(acoustic_batch, settings.acoustic_max_wait_ms), settings.acoustic_workers, model_max,
-              acoustic, observer),
-        DecoderStage(policy(decoder_batch, settings.decoder_max_wait_ms), settings.decoder_workers, model_max, runner, observer),
-        Stage("post", policy(1, 0.0), settings.post_workers, settings.cpu_stage_max_workers, postprocess, observer,
-              after=deliver),
-    ]
-    for i, stage in enumerate(stages):
-        stage.upstream = stages[:i]
-        stage.next = stages[i + 1] if i + 1 < len(stages) else None
-    return stages

@@ -19,15 +19,17 @@ import asyncio
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
+from configs.policies import StreamPolicy
 from workers.features import SAMPLE_RATE
-from workers.jobs import Segment
+from workers.jobs import Segment, WindowOptions
 from workers.pipeline import Overloaded, Pipeline, Transcript
 from workers.scheduler import Priority
 from workers.vad import CHUNK_SAMPLES, CONTEXT_SAMPLES, SileroVAD
@@ -35,24 +37,11 @@ from workers.vad import CHUNK_SAMPLES, CONTEXT_SAMPLES, SileroVAD
 log = logging.getLogger(__name__)
 
 MIN_STEP_AUDIO_S = 0.5  # no interim step on less audio than this
-MIN_SPEECH_S = 0.25  # an utterance with less speech than this (a click, a breath) is not transcribed, as silero's own default
-PROMPT_WORDS = 100  # words of earlier finals given to the decoder as its prompt
-
-
-@dataclass(frozen=True)
-class StreamConfig:
-    """Server-wide streaming behaviour (from the settings)."""
-
-    step_s: float = 1.0
-    vad_threshold: float = 0.5
-    speech_pad_s: float = 0.2  # audio kept before the first and after the last speech chunk
-    max_utterance_s: float = 25.0
-    prompt_previous_text: bool = True
 
 
 @dataclass(frozen=True)
 class StreamOptions:
-    """What one client asked for."""
+    """What one client asked for, normalised at the edge (the language is one the model knows)."""
 
     language: str | None = None
     interim_results: bool = True
@@ -114,9 +103,10 @@ class VoiceActivity:
 class StreamEngine:
     """What every session shares: the pipeline, the VAD model and the thread that runs it."""
 
-    def __init__(self, pipeline: Pipeline, config: StreamConfig):
+    def __init__(self, pipeline: Pipeline, config: StreamPolicy, window_options: Callable[[str | None, str | None], WindowOptions]):
         self.pipeline = pipeline
         self.config = config
+        self.window_options = window_options  # (language, prompt text) -> what the decoder is given
         self.vad_model = SileroVAD.load()
         # one thread: VAD costs 0.16 ms per 32 ms chunk, and must not take both cores from the model
         self._vad_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad")
@@ -157,6 +147,7 @@ class _Step:
     end: int
     task: asyncio.Task | None = None
     transcript: Transcript | None = None  # once done
+    jobs: list = field(default_factory=list)  # its windows, to promote when a final waits for it
 
 
 class StreamSession:
@@ -180,7 +171,7 @@ class StreamSession:
         self.committed: list[str] = []
         self.segments: list[Segment] = []  # of the last hypothesis, in stream seconds
         self.first_partial_sent = False
-        self.previous_text: list[str] = []
+        self.previous_text: deque[str] = deque(maxlen=self.config.prompt_words)  # the prompt's words, no more
         self.step: _Step | None = None  # the one interim step in flight
         self.last_step: _Step | None = None  # the utterance's latest finished step
         self.finals: list[asyncio.Task] = []  # in utterance order; each emits after the one before
@@ -250,7 +241,7 @@ class StreamSession:
 
     def _end_utterance(self, end: int, reason: str) -> None:
         start, step = self.utterance_start, None
-        if self.speech_samples < MIN_SPEECH_S * SAMPLE_RATE and reason != "max_length":
+        if self.speech_samples < self.config.min_speech_s * SAMPLE_RATE and reason != "max_length":
             self._cancel_step()
             self._reset_utterance(None)
             if reason == "finalize":  # always answered
@@ -310,7 +301,7 @@ class StreamSession:
     def _prompt(self) -> str | None:
         if not self.config.prompt_previous_text or not self.previous_text:
             return None
-        return " ".join(self.previous_text[-PROMPT_WORDS:])
+        return " ".join(self.previous_text)
 
     def _kick(self) -> None:
         """Start an interim step if one is due and none is in flight."""
@@ -328,15 +319,14 @@ class StreamSession:
         # out to be an endpoint its final is (nearly) ready
         return not self.speaking and self.received >= self.last_speech_end + self._pad > covered
 
-    async def _transcribe(self, audio: np.ndarray, priority: Priority) -> Transcript:
-        return await self.engine.pipeline.transcribe(
-            audio, priority=priority, language=self.options.language, prompt=self._prompt()
-        )
+    async def _transcribe(self, audio: np.ndarray, priority: Priority, submitted: list | None = None) -> Transcript:
+        options = self.engine.window_options(self.options.language, self._prompt())
+        return await self.engine.pipeline.transcribe(audio, options, priority, submitted)
 
     async def _run_step(self, step: _Step) -> Transcript | None:
         submitted = time.monotonic()
         try:
-            step.transcript = await self._transcribe(self._audio(step.start, step.end), Priority.REALTIME)
+            step.transcript = await self._transcribe(self._audio(step.start, step.end), Priority.REALTIME, step.jobs)
         except Overloaded:
             return None  # the next step covers this audio too
         except Exception:  # noqa: BLE001 - an interim step that failed is skipped, the final will be tried
@@ -370,6 +360,7 @@ class StreamSession:
                          before: asyncio.Task | None, requested_at: float) -> None:
         try:
             if covering is not None and covering.task is not None:
+                self.engine.pipeline.promote(covering.jobs, Priority.FINAL)  # it is this final now: it must not wait as an interim step
                 await asyncio.wait([covering.task])  # it already covers the utterance; None if it failed
             transcript = covering.transcript if covering is not None else None
             if transcript is None and audio is not None:
@@ -388,7 +379,7 @@ class StreamSession:
         # a covering step heard a little past the utterance's end: nothing of it belongs here
         segments = [replace(s, end=min(s.end, end_s)) for s in shifted if s.start < end_s]
         text = " ".join(s.text for s in segments)
-        self.previous_text += text.split()
+        self.previous_text.extend(text.split())
         self.emit(Final(span.utterance, text, self._seconds(span.start), end_s, reason, segments,
                         time.monotonic() - requested_at))
 

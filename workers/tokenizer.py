@@ -38,8 +38,12 @@ class WhisperTokenizer:
             raise ValueError(f"the model has no language {language!r}")
         return [self.sot, language_token, self.transcribe]
 
-    def has_language(self, language: str) -> bool:
-        return (language == "en") if not self.multilingual else self._tokenizer.token_to_id(f"<|{language}|>") is not None
+    @property
+    def languages(self) -> list[str]:
+        """The language codes the model knows: in Whisper's vocabulary their tokens follow start-of-transcript."""
+        if not self.multilingual:
+            return ["en"]
+        return [self._tokenizer.id_to_token(i)[2:-2] for i in range(self.sot + 1, self.translate)]
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids

@@ -45,8 +45,12 @@ async def pipeline(request: Request, model: Annotated[str | None, Query(max_leng
     served = service.model(model)  # answers while the server drains too: operators watch it empty
     profile = served.profiler.profile()
     allocator = served.allocator
+    engine = served.engine.snapshot()
     return JSONResponse({
         **profile.to_json(),
+        "engine": {"windows_in_flight": engine.windows_in_flight, "windows_waiting": engine.windows_waiting,
+                   "seconds_per_window": round(engine.seconds_per_window, 3), "predicted_wait_s": round(engine.predicted_wait_s, 3),
+                   "streams_open": engine.streams_open, "worker_restarts": {s.name: s.restarts for s in engine.stages}},
         "budgets": allocator.budgets(),
         "allocator": {
             "enabled": allocator.enabled, **asdict(allocator.policy),

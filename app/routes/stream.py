@@ -12,6 +12,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -23,14 +24,14 @@ from app.audio import PcmStream
 from app.errors import APIError
 from app.limits import TokenBucket, client_identity
 from app.service import ServedModel, Service
+from app.webhook import stream_final_payload
 from configs.settings import comma_list
-from workers.streaming import Event, Final, Partial, StreamError, StreamOptions, StreamSession
+from workers.engine import Event, Final, OptionError, Partial, StreamError, StreamOptions, StreamSession
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["streaming"])
 
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_INTERNAL = 1000, 1001, 1008, 1009, 1011
-DRAIN_TIMEOUT_S = 60.0  # longest the last final may take once the stream is closing
 RATE_BURST_S = 2.0  # the message-rate limit is an average over this long
 CLOCK_SLACK_S = 0.01  # asyncio may wake a timeout this much early
 
@@ -53,16 +54,19 @@ class BadOptions(ValueError):
 
 
 def parse_start(data: dict, service: Service) -> tuple[StartMessage, ServedModel]:
-    """Validate stream options (a start message or the query parameters) and find the model they name;
-    raises :class:`BadOptions`, or :class:`APIError` 404 for a model not served."""
+    """Validate stream options (a start message or the query parameters), normalised once (the language
+    as the model knows it), and find the model they name; raises :class:`BadOptions`, or :class:`APIError`
+    404 for a model not served."""
     try:
         start = StartMessage.model_validate(data)
     except ValidationError as exc:
         raise BadOptions("; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'message'}: {e['msg']}" for e in exc.errors())) from exc
     served = service.model(start.model)  # 404 model_not_found for a model not served
-    if not served.transcribes(start.language.lower()):
-        raise BadOptions(f"the model {served.name} does not transcribe language {start.language!r}")
-    return start, served
+    try:
+        language = served.engine.options(start.language, None).language
+    except OptionError as exc:
+        raise BadOptions(str(exc)) from exc
+    return start.model_copy(update={"language": language}), served
 
 
 class StreamConnection:
@@ -77,7 +81,11 @@ class StreamConnection:
         self.start, self.served = start, served
         self.session: StreamSession | None = None  # opened at the first audio or control message
         self.pcm: PcmStream | None = None
-        self.outbox: asyncio.Queue[dict | None] = asyncio.Queue()
+        # bounded: a client that does not read is closed (client_too_slow) instead of buffering without end
+        self.outbox: deque[dict] = deque()
+        self._outbox_changed = asyncio.Event()
+        self._closing_outbox = False
+        self._too_slow = asyncio.Event()
         self.id = uuid.uuid4().hex[:12]
         self.task: asyncio.Task | None = None
         self._stopping = asyncio.Event()
@@ -100,7 +108,11 @@ class StreamConnection:
                 "interim_results": self.start.interim_results, "endpoint_silence_ms": endpoint_ms}
 
     def send(self, message: dict) -> None:
-        self.outbox.put_nowait(message)
+        if len(self.outbox) >= self.settings.stream_max_pending_messages:
+            self._too_slow.set()
+            return
+        self.outbox.append(message)
+        self._outbox_changed.set()
 
     def error(self, code: str, message: str) -> None:
         self.send({"type": "error", "code": code, "message": message})
@@ -113,6 +125,9 @@ class StreamConnection:
                        "start": event.start})
         elif isinstance(event, Final):
             self.metrics.final_latency.labels(self.served.name).observe(event.latency_s)
+            if self.service.webhook is not None:
+                self.service.webhook.offer(stream_final_payload(self.id, self.served.name, event.utterance, event.text,
+                                                                event.start, event.end, event.reason))
             self.send({"type": "final", "utterance": event.utterance, "text": event.text, "start": event.start,
                        "end": event.end, "reason": event.reason,
                        "segments": [{"start": s.start, "end": s.end, "text": s.text} for s in event.segments]})
@@ -123,7 +138,7 @@ class StreamConnection:
         if self.session is None:
             options = self.options()
             self.pcm = PcmStream(options["encoding"], options["sample_rate"])
-            self.session = self.served.streams.open(
+            self.session = self.served.engine.open_stream(
                 StreamOptions(language=options["language"], interim_results=options["interim_results"],
                               endpoint_silence_s=options["endpoint_silence_ms"] / 1000), self.emit)
         return self.session
@@ -150,31 +165,39 @@ class StreamConnection:
                 session.abort()
             else:
                 try:
-                    await asyncio.wait_for(session.close(), DRAIN_TIMEOUT_S)
+                    await asyncio.wait_for(session.close(), self.settings.stream_final_timeout_s)
                 except (TimeoutError, asyncio.CancelledError):
                     session.abort()
         self.metrics.stream_sessions.labels(reason).inc()
         if code is not None:
-            self.send({"type": "closed", "reason": reason})
-        self.outbox.put_nowait(None)
+            self.outbox.append({"type": "closed", "reason": reason})  # past the bound: the last word is always sent
+        self._closing_outbox = True
+        self._outbox_changed.set()
+        # a client that does not read would hold its sender (and this connection) forever
         with contextlib.suppress(Exception, asyncio.CancelledError):
-            await sender
+            await asyncio.wait_for(sender, self.settings.stream_send_timeout_s)
         if code is not None and self.websocket.application_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
-                await self.websocket.close(code)
+                await asyncio.wait_for(self.websocket.close(code), self.settings.stream_send_timeout_s)
 
     async def _send_loop(self) -> None:
-        while (message := await self.outbox.get()) is not None:
-            try:
-                await self.websocket.send_text(json.dumps(message))
-            except Exception:  # noqa: BLE001 - the client has gone; the receive loop will see it
+        while True:
+            while self.outbox:
+                try:
+                    await self.websocket.send_text(json.dumps(self.outbox.popleft()))
+                except Exception:  # noqa: BLE001 - the client has gone; the receive loop will see it
+                    return
+            if self._closing_outbox:
                 return
+            self._outbox_changed.clear()
+            await self._outbox_changed.wait()
 
     async def _receive_loop(self) -> tuple[str, int | None]:
         settings = self.settings
         opened = time.monotonic()
         deadline, first_audio_deadline = opened + settings.stream_max_session_s, opened + settings.stream_first_audio_timeout_s
         stopping = asyncio.ensure_future(self._stopping.wait())
+        too_slow = asyncio.ensure_future(self._too_slow.wait())
         try:
             while True:
                 now = time.monotonic()
@@ -182,7 +205,14 @@ class StreamConnection:
                 if not self.heard_audio:
                     wait = min(wait, first_audio_deadline - now)
                 receiving = asyncio.ensure_future(self.websocket.receive())
-                await asyncio.wait({receiving, stopping}, timeout=max(wait, 0), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({receiving, stopping, too_slow}, timeout=max(wait, 0), return_when=asyncio.FIRST_COMPLETED)
+                if too_slow.done():
+                    receiving.cancel()
+                    self.outbox.clear()  # the client is not reading them; what it gets is why it is closed
+                    self.outbox.append({"type": "error", "code": "client_too_slow", "message":
+                                        f"over {settings.stream_max_pending_messages} messages are waiting for this client to read them "
+                                        "(ASR_STREAM_MAX_PENDING_MESSAGES); read the socket as fast as the server writes"})
+                    return "client_too_slow", CLOSE_POLICY
                 if not receiving.done():
                     receiving.cancel()
                     if stopping.done():
@@ -195,6 +225,7 @@ class StreamConnection:
                     return result
         finally:
             stopping.cancel()
+            too_slow.cancel()
 
     def _timed_out(self, deadline: float, first_audio_deadline: float) -> tuple[str, int]:
         settings = self.settings
@@ -319,9 +350,9 @@ async def stream(websocket: WebSocket) -> None:
         await _refuse(websocket, not_found)
         return
     connection = StreamConnection(websocket, service, start, served, client)
-    service.stream_connections.add(connection)  # the slot is taken before the first await
+    service.stream_opened(connection)  # the slot is taken before the first await
     try:
         await websocket.accept()
         await connection.run()
     finally:
-        service.stream_connections.discard(connection)
+        service.stream_closed(connection)

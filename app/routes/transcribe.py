@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
@@ -10,12 +11,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from app.errors import APIError
 from app.formats import ResponseFormat, service_json, to_srt, to_vtt, verbose_json
-from app.limits import backlog_refusal
+from app.limits import admission_refusal
 from app.service import ServedModel, Service
+from app.webhook import transcript_payload
 from configs.settings import OPENAI_ALIAS
-from workers.pipeline import Overloaded, Transcript
-from workers.scheduler import Priority
-from workers.stages import StageError
+from workers.engine import OptionError, Overloaded, Priority, StageError, StageStopped, Transcript, WindowOptions
 
 router = APIRouter(tags=["transcription"])
 
@@ -27,11 +27,12 @@ def _service(request: Request) -> Service:
     return service
 
 
-def _check_language(served: ServedModel, language: str | None) -> str:
-    language = (language or "en").lower()
-    if not served.transcribes(language):
-        raise APIError(400, "unsupported_language", f"the model {served.name} does not transcribe language {language!r}")
-    return language
+def _options(served: ServedModel, language: str | None, prompt: str | None) -> WindowOptions:
+    """The request's options, normalised once: nothing in them can fail the batch they join."""
+    try:
+        return served.engine.options(language, prompt)
+    except OptionError as exc:
+        raise APIError(400, "unsupported_language", str(exc)) from exc
 
 
 async def _client_gone(request: Request) -> None:
@@ -40,10 +41,9 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-async def _transcribe(request: Request, service: Service, served: ServedModel, data: bytes, language: str,
-                      prompt: str | None) -> Transcript:
+async def _transcribe(request: Request, service: Service, served: ServedModel, data: bytes, options: WindowOptions) -> Transcript:
     audio = await service.decoder.decode(data)
-    work = asyncio.ensure_future(served.pipeline.transcribe(audio, priority=Priority.BULK, language=language, prompt=prompt))
+    work = asyncio.ensure_future(served.engine.transcribe(audio, options, Priority.BULK))
     gone = asyncio.ensure_future(_client_gone(request))
     service.transcriptions.add(work)  # a drain that runs out of time cancels it
     try:
@@ -66,8 +66,19 @@ async def _transcribe(request: Request, service: Service, served: ServedModel, d
         raise APIError(429, "overloaded", f"the service is at capacity ({exc}); retry after a few seconds", {"Retry-After": "2"}) from exc
     except StageError as exc:
         raise APIError(500, "model_error", str(exc)) from exc
+    except StageStopped as exc:
+        raise APIError(503, "shutting_down", "the server shut down before this transcript was finished; retry it", {"Retry-After": "5"}) from exc
     service.metrics.audio_seconds.labels(served.name, "rest").inc(transcript.duration_s)
+    if service.webhook is not None:
+        service.webhook.offer(transcript_payload(request.state.request_id, served.name, transcript.text, transcript.duration_s,
+                                                 [{"start": s.start, "end": s.end, "text": s.text} for s in transcript.segments]))
     return transcript
+
+
+def _request_id(request: Request) -> str:
+    """The id a webhook delivery names this request by; the client reads it in X-Request-Id."""
+    request.state.request_id = uuid.uuid4().hex
+    return request.state.request_id
 
 
 @router.post(
@@ -86,7 +97,8 @@ async def transcribe(
 ) -> JSONResponse:
     service = _service(request)
     served = service.model(model)
-    language = _check_language(served, language)
+    options = _options(served, language, prompt)
+    request_id = _request_id(request)
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form()
         upload = form.get("file")
@@ -95,8 +107,8 @@ async def transcribe(
         data = await upload.read()
     else:
         data = await request.body()
-    transcript = await _transcribe(request, service, served, data, language, prompt)
-    return JSONResponse(service_json(transcript, served.name, language))
+    transcript = await _transcribe(request, service, served, data, options)
+    return JSONResponse(service_json(transcript, served.name, options.language), headers={"X-Request-Id": request_id})
 
 
 @router.post("/v1/audio/transcriptions", summary="OpenAI-compatible transcription", responses={200: {
@@ -115,20 +127,21 @@ async def openai_transcriptions(
 ) -> Response:
     service = _service(request)
     served = service.model(None if model == OPENAI_ALIAS else model)
-    if served.name != service.settings.default_model_name and (refusal := backlog_refusal(service, served)) is not None:
-        raise refusal  # admission, before the form was read, could only check the default model
+    if served.name != service.settings.default_model_name and (refusal := admission_refusal(service, served.name)) is not None:
+        raise refusal  # admission, before the form was read, could only decide for the default model
     if temperature != 0:
         raise APIError(400, "unsupported_temperature", "only greedy decoding is served: send temperature 0")
     if set(timestamp_granularities or []) - {"segment"}:
         raise APIError(400, "unsupported_granularity", "only timestamp_granularities[]=segment is served")
-    language = _check_language(served, language)
-    transcript = await _transcribe(request, service, served, await file.read(), language, prompt)
+    options = _options(served, language, prompt)
+    headers = {"X-Request-Id": _request_id(request)}
+    transcript = await _transcribe(request, service, served, await file.read(), options)
     if response_format is ResponseFormat.text:
-        return PlainTextResponse(transcript.text)
+        return PlainTextResponse(transcript.text, headers=headers)
     if response_format is ResponseFormat.srt:
-        return PlainTextResponse(to_srt(transcript.segments))
+        return PlainTextResponse(to_srt(transcript.segments), headers=headers)
     if response_format is ResponseFormat.vtt:
-        return PlainTextResponse(to_vtt(transcript.segments), media_type="text/vtt")
+        return PlainTextResponse(to_vtt(transcript.segments), media_type="text/vtt", headers=headers)
     if response_format is ResponseFormat.verbose_json:
-        return JSONResponse(verbose_json(transcript, "english" if language == "en" else language))
-    return JSONResponse({"text": transcript.text})
+        return JSONResponse(verbose_json(transcript, "english" if options.language == "en" else options.language), headers=headers)
+    return JSONResponse({"text": transcript.text}, headers=headers)

@@ -1,0 +1,166 @@
+"""The engine of one model: the only part of ``workers`` the API layer talks to.
+
+It is built in one place (:func:`load_engine`, from the settings through the frozen policies of
+:mod:`configs.policies`), and offers: options normalised once (:meth:`Engine.options`), a file's
+transcription (:meth:`Engine.transcribe`), a live stream's session (:meth:`Engine.open_stream`), a frozen
+:meth:`Engine.snapshot` that metrics, admission, ``/v1/pipeline`` and the profiler read, :meth:`Engine.info`,
+pool resizing for the allocator, and its lifecycle: :meth:`Engine.start`, :meth:`Engine.drain`,
+:meth:`Engine.stop`. What the API needs of the engine's types is exported here too.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from configs.policies import EnginePolicy, available_cpus, resolve_engine_policy
+from configs.settings import EMBEDDED, Settings
+from workers.decoding import DecodingOptions
+from workers.features import SAMPLE_RATE
+from workers.jobs import Segment, WindowOptions
+from workers.pipeline import Overloaded, Pipeline, Transcript
+from workers.postprocess import compression_ratio
+from workers.runner import ModelRunner, WarmupReport, choose_device, embedded_model_path
+from workers.scheduler import Priority, Signal
+from workers.stages import ObserverGroup, StageError, StageObserver, StageSnapshot, StageStopped
+from workers.streaming import Event, Final, Partial, StreamError, StreamOptions, StreamSession, StreamEngine
+
+__all__ = [
+    "SAMPLE_RATE", "compression_ratio", "Engine", "EngineInfo", "EngineSnapshot", "Event", "Final", "OptionError", "Overloaded", "Partial", "Priority",
+    "Segment", "StageError", "StageObserver", "StageSnapshot", "StageStopped", "StreamError", "StreamOptions",
+    "StreamSession", "Transcript", "WindowOptions", "load_engine",
+]
+
+log = logging.getLogger(__name__)
+
+
+class OptionError(ValueError):
+    """A request option this model cannot honour; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    name: str
+    device: str  # cpu | cuda
+    dtype: str
+    multilingual: bool
+    languages: tuple[str, ...]
+    dims: dict
+    warmup_encoder_s: float  # one 30 s window through the encoder, measured at load
+    warmup_decoder_s: float  # ... and decoded
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    stages: tuple[StageSnapshot, ...]
+    windows_in_flight: int  # submitted and not finished, queued or being worked on
+    seconds_per_window: float  # how long the pipeline has taken per window while busy
+    streams_open: int  # stream sessions holding audio and state
+
+    @property
+    def windows_waiting(self) -> int:
+        return sum(stage.queue_depth for stage in self.stages)
+
+    @property
+    def predicted_wait_s(self) -> float:
+        """How long work admitted now would wait for the windows in flight."""
+        return self.windows_in_flight * self.seconds_per_window
+
+
+class Engine:
+    def __init__(self, name: str, runner: ModelRunner, policy: EnginePolicy, warmup: WarmupReport, streams: StreamEngine,
+                 pipeline: Pipeline, observers: ObserverGroup):
+        self.name = name
+        self._runner, self._pipeline, self._streams, self._observers = runner, pipeline, streams, observers
+        self._info = EngineInfo(name, runner.device.type, str(runner.dtype).removeprefix("torch."), runner.tokenizer.multilingual,
+                                tuple(runner.tokenizer.languages), asdict(runner.model.dims), warmup.encoder_s, warmup.decoder_s)
+        self._stages = {stage.name: stage for stage in pipeline.stages}
+        self._idle = Signal()  # notified whenever a window finishes: a drain waits on it
+        pipeline.rate.on_finished = self._idle.notify
+
+    # what a request may ask
+    def options(self, language: str | None, prompt: str | None) -> WindowOptions:
+        """Normalise a request's language and prompt; raises :class:`OptionError` for a language the model
+        does not have. What comes out cannot fail inside a shared batch."""
+        code = (language or "en").strip().lower()
+        if code not in self._info.languages:
+            raise OptionError(f"the model {self.name} does not transcribe language {language!r}"
+                              + ("" if self._info.multilingual else " (it is English-only: 'en')"))
+        tokens = self._runner.tokenizer.encode(" " + prompt.strip()) if prompt and prompt.strip() else []
+        return WindowOptions(language=code, prompt=self._runner.prompt(tokens, code))
+
+    def stream_options(self, language: str | None, interim_results: bool, endpoint_silence_s: float) -> StreamOptions:
+        return StreamOptions(self.options(language, None).language, interim_results, endpoint_silence_s)
+
+    # work
+    async def transcribe(self, audio: np.ndarray, options: WindowOptions, priority: Priority = Priority.BULK) -> Transcript:
+        """Raises :class:`Overloaded` (no room for its windows), :class:`StageError` (model work failed),
+        :class:`StageStopped` (the engine stopped first)."""
+        return await self._pipeline.transcribe(audio, options, priority)
+
+    def open_stream(self, options: StreamOptions, emit: Callable[[Event], None]) -> StreamSession:
+        return self._streams.open(options, emit)
+
+    # what the operator and the allocator see and do
+    def info(self) -> EngineInfo:
+        return self._info
+
+    def snapshot(self) -> EngineSnapshot:
+        rate = self._pipeline.rate
+        return EngineSnapshot(tuple(stage.snapshot() for stage in self._pipeline.stages), rate.in_flight,
+                              rate.seconds_per_window, len(self._streams.sessions))
+
+    def watch(self, observer: StageObserver) -> None:
+        """Another observer of the stages (the profiler)."""
+        self._observers.observers.append(observer)
+
+    def resize(self, stage: str, workers: int) -> int:
+        return self._stages[stage].resize(workers)
+
+    # lifecycle
+    def start(self) -> None:
+        self._pipeline.start()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until no window is in flight, at most ``timeout_s``; True if it emptied."""
+        deadline = time.monotonic() + timeout_s
+        while self._pipeline.rate.in_flight and (left := deadline - time.monotonic()) > 0:
+            await self._idle.wait(left)
+        return not self._pipeline.rate.in_flight
+
+    async def stop(self) -> None:
+        """Every window still queued or held is answered (:class:`StageStopped`); the threads are released."""
+        for session in list(self._streams.sessions):
+            session.abort()
+        self._streams.close()
+        await self._pipeline.stop()
+
+
+def load_engine(name: str, model_path: Path | str, settings: Settings, observer: StageObserver) -> Engine:
+    """Load, warm and wire one model (blocking: run it off the event loop) from a CTranslate2 Whisper
+    directory or 'embedded'. The engine's policies are resolved here, once, for the device the model
+    lands on; it starts with :meth:`Engine.start`."""
+    import torch
+
+    threads = settings.cpu_threads or min(available_cpus(), torch.get_num_threads())
+    if threads != torch.get_num_threads():  # torch counts the host's cores, not the container's quota
+        torch.set_num_threads(threads)
+    model_dir = embedded_model_path() if model_path == EMBEDDED else Path(model_path)
+    runner = ModelRunner(model_dir, choose_device(settings.device), DecodingOptions(sample_len=settings.max_new_tokens))
+    policy = resolve_engine_policy(settings, on_gpu=runner.device.type == "cuda")
+    warmup = runner.warm_up()
+    observers = ObserverGroup(observer)
+    pipeline = Pipeline(runner, policy, observers, seconds_per_window=warmup.encoder_s + warmup.decoder_s)
+    engine: Engine | None = None
+
+    def window_options(language: str | None, prompt: str | None) -> WindowOptions:
+        return engine.options(language, prompt)
+
+    streams = StreamEngine(pipeline, policy.stream, window_options)
+    engine = Engine(name, runner, policy, warmup, streams, pipeline, observers)
+    return engine
