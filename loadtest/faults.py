@@ -78,7 +78,10 @@ from app.main import create_app
 from app.metrics import StageMetrics
 from configs import Settings
 from loadtest.evalset import DEFAULT_MANIFEST, EvalRow, load_rows, word_error_rate
+from loadtest.bench_rest import log
 from loadtest.harness import RssSampled, binned, free_port, rss_mib, stream_url, wav_bytes
+from loadtest.harness import write_json as harness_write_json
+from loadtest.rest import positive_int
 from loadtest.plotting import new_figure, save_figure
 from loadtest.stream import LiveStream, decode_file, open_stream, refusal_text
 from workers.decoding import GreedyDecoder
@@ -93,10 +96,6 @@ LEFT_WAITING = "left waiting"
 PROBE_GRACE_S = 1.0
 KEEPALIVE_S = 5.0  # silence sent this often while a stream waits for an answer (the server's idle timeout is 30 s)  # the probe's final follows the step's answer at once; see StreamStep
 BIN_S = 10.0
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ----------------------------------------------------------------------------- the fault injector
@@ -1155,9 +1154,7 @@ def write_json(run: FaultRun, path: Path) -> None:
         "left_waiting_notes": run.left_waiting_notes,
         "engine_states": run.engine_states,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(body, indent=2, default=str) + "\n")
-    log(f"JSON written to {path}")
+    harness_write_json(path, body)
 
 
 def positive(kind: type) -> Callable[[str], Any]:
@@ -1185,7 +1182,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--streams", type=non_negative_int, default=2, help="stream clients, one session at a time each (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fault draws (default: %(default)s)")
     parser.add_argument("--speed", type=positive(float), default=1.0, help="stream pace, times real time (default: %(default)s)")
-    parser.add_argument("--steps-per-session", type=positive(int), default=2, help="rows (each then finalized) per stream session (default: %(default)s)")
+    parser.add_argument("--steps-per-session", type=positive_int, default=2, help="rows (each then finalized) per stream session (default: %(default)s)")
     parser.add_argument("--timeout-s", type=positive(float), default=120.0, help="longest any caller waits: past it, it was LEFT WAITING (default: %(default)s)")
     parser.add_argument("--settle-s", type=positive(float), default=30.0, help="longest wait for the server to come to rest after the load (default: %(default)s)")
     parser.add_argument("--oom-share", type=float, default=0.5, help="share of the faults that are torch.OutOfMemoryError (default: %(default)s)")
