@@ -111,6 +111,7 @@ class GreedyDecoder:
     def running(self) -> int:
         return len(self.rows)
 
+    @torch.inference_mode()  # retiring moves rows within the cache, whose tensors are inference tensors once it grew
     def remove(self, rows: list[DecodeRow]) -> None:
         """Drop ``rows`` from the running batch (their callers have gone) without finishing them."""
         for row in rows:
