@@ -45,7 +45,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from configs import Settings
 from loadtest.evalset import normalize
-from loadtest.rest import positive_int
+from loadtest.rest import positive_float, positive_int
 from loadtest.stream import decode_file, to_pcm, with_query
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -705,13 +705,6 @@ def markdown_table(rows: Sequence[Row]) -> str:
         ok = "skipped" if row.skipped else "yes" if row.ok else "**NO**"
         lines.append(f"| {row.number} | {row.surface} | {cell(row.name)} | {cell(row.expected)} | {cell(row.got)} | {ok} |")
     return "\n".join(lines)
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,7 +81,7 @@ from loadtest.evalset import DEFAULT_MANIFEST, EvalRow, load_rows, word_error_ra
 from loadtest.bench_rest import log
 from loadtest.harness import RssSampled, binned, free_port, rss_mib, stream_url, wav_bytes
 from loadtest.harness import write_json as harness_write_json
-from loadtest.rest import positive_int
+from loadtest.rest import non_negative_int, positive_float, positive_int
 from loadtest.plotting import new_figure, save_figure
 from loadtest.stream import LiveStream, decode_file, open_stream, refusal_text
 from workers.decoding import GreedyDecoder
@@ -1157,38 +1157,22 @@ def write_json(run: FaultRun, path: Path) -> None:
     harness_write_json(path, body)
 
 
-def positive(kind: type) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m loadtest.faults", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration-s", type=positive(float), default=300.0, help="length of the load (default: %(default)s)")
+    parser.add_argument("--duration-s", type=positive_float, default=300.0, help="length of the load (default: %(default)s)")
     parser.add_argument("--fault-rate", type=float, default=0.03, help="probability that a call at a fault point raises (default: %(default)s)")
     parser.add_argument("--rest-clients", type=non_negative_int, default=3, help="closed-loop REST clients (default: %(default)s)")
     parser.add_argument("--streams", type=non_negative_int, default=2, help="stream clients, one session at a time each (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the fault draws (default: %(default)s)")
-    parser.add_argument("--speed", type=positive(float), default=1.0, help="stream pace, times real time (default: %(default)s)")
+    parser.add_argument("--speed", type=positive_float, default=1.0, help="stream pace, times real time (default: %(default)s)")
     parser.add_argument("--steps-per-session", type=positive_int, default=2, help="rows (each then finalized) per stream session (default: %(default)s)")
-    parser.add_argument("--timeout-s", type=positive(float), default=120.0, help="longest any caller waits: past it, it was LEFT WAITING (default: %(default)s)")
-    parser.add_argument("--settle-s", type=positive(float), default=30.0, help="longest wait for the server to come to rest after the load (default: %(default)s)")
+    parser.add_argument("--timeout-s", type=positive_float, default=120.0, help="longest any caller waits: past it, it was LEFT WAITING (default: %(default)s)")
+    parser.add_argument("--settle-s", type=positive_float, default=30.0, help="longest wait for the server to come to rest after the load (default: %(default)s)")
     parser.add_argument("--oom-share", type=float, default=0.5, help="share of the faults that are torch.OutOfMemoryError (default: %(default)s)")
     parser.add_argument("--token-divisor", type=float, default=40.0,
                         help="per-token calls (GreedyDecoder.step, the decoder's batch_done) fault at fault-rate / this; 1: every call at fault-rate (default: %(default)s)")
-    parser.add_argument("--max-row-s", type=positive(float), default=12.0, help="longest eval row used (default: %(default)s)")
+    parser.add_argument("--max-row-s", type=positive_float, default=12.0, help="longest eval row used (default: %(default)s)")
     parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST, help="eval manifest.jsonl (default: %(default)s)")
     parser.add_argument("--set", dest="source_set", default=DEFAULT_SET, help="source_set of the rows (default: %(default)s)")
     parser.add_argument("--plot", type=Path, metavar="FILE.png", help="save a figure of faults and answers over time (needs matplotlib)")
