@@ -8,6 +8,7 @@ query parameter. Keys are compared in constant time, so response timing does not
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from urllib.parse import parse_qs
 
@@ -28,6 +29,13 @@ def presented_key(scope: Scope) -> bytes | None:
         values = parse_qs(scope.get("query_string", b"").decode()).get("api_key")
         return values[0].encode() if values else None
     return None
+
+
+def tenant_of(scope: Scope) -> str:
+    """Who sent the request, for ASR_ENCODER_PACKING=per_key: a digest of its API key ("" without one); the
+    key itself never goes further."""
+    key = presented_key(scope)
+    return hashlib.sha256(key).hexdigest()[:16] if key else ""
 
 
 class ApiKeyAuth:

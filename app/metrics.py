@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from allocator.profiler import Profile
@@ -110,6 +110,9 @@ class _EngineCollector(Collector):
         pressure = GaugeMetricFamily("asr_stage_pressure", "The profiler's pressure score (the bottleneck has the highest).", labels=stage_labels)
         wait = GaugeMetricFamily("asr_admission_predicted_wait_seconds", "How long work admitted now would wait for the windows in flight (the admission signal; a scaling signal).", labels=["model"])
         in_flight = GaugeMetricFamily("asr_windows_in_flight", "Windows submitted to the pipeline and not finished.", labels=["model"])
+        passes = CounterMetricFamily("asr_encoder_passes", "Encoder passes run (each a 30 s input holding one or more packed windows).", labels=["model"])
+        packed = CounterMetricFamily("asr_encoder_windows", "Windows encoded; per pass (over asr_encoder_passes_total), the encoder's fill.", labels=["model"])
+        packed_audio = CounterMetricFamily("asr_encoder_audio_seconds", "Seconds of audio encoded; per pass, the encoder's fill (30 s would be a full pass).", labels=["model"])
         for model, (snapshot, profile) in self.models.items():
             engine = snapshot()
             for stage in engine.stages:
@@ -117,8 +120,11 @@ class _EngineCollector(Collector):
                     gauge.add_metric([model, stage.name], getattr(stage, field))
             wait.add_metric([model], engine.predicted_wait_s)
             in_flight.add_metric([model], engine.windows_in_flight)
+            passes.add_metric([model], engine.encoder_passes)
+            packed.add_metric([model], engine.encoder_windows)
+            packed_audio.add_metric([model], engine.encoder_audio_s)
             for stage in profile().stages:
                 utilization.add_metric([model, stage.name], stage.utilization)
                 pressure.add_metric([model, stage.name], stage.pressure)
         yield from gauges.values()
-        yield from (utilization, pressure, wait, in_flight)
+        yield from (utilization, pressure, wait, in_flight, passes, packed, packed_audio)

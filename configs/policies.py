@@ -54,6 +54,7 @@ class EnginePolicy:
     stream: StreamPolicy
     max_new_tokens: int
     silence_threshold_dbfs: float
+    encoder_packing: str  # a workers.packing.PackingMode value
 
 
 def available_cpus() -> int:
@@ -111,4 +112,5 @@ def resolve_engine_policy(settings: Settings, on_gpu: bool) -> EnginePolicy:
                             prompt_words=s.stream_prompt_words),
         max_new_tokens=s.max_new_tokens,
         silence_threshold_dbfs=s.silence_threshold_dbfs,
+        encoder_packing=s.encoder_packing,
     )

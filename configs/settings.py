@@ -125,7 +125,11 @@ class WebhookSettings(BaseModel):
 class BatchingSettings(BaseModel):
     """Batching (DynamicBatchScheduler, one per stage)."""
 
-    acoustic_max_batch_size: int = Field(0, ge=0, description="Windows per encoder batch; 0: 1 on CPU (the encoder gains nothing from batching there), 16 on CUDA.")
+    acoustic_max_batch_size: int = Field(0, ge=0, description="Encoder passes per batch (each a 30 s input holding one or more windows); 0: 1 on CPU (the encoder gains nothing from batching there), 16 on CUDA.")
+    encoder_packing: Literal["shared", "per_key", "off"] = Field(
+        "shared", description="Windows up to 25.5 s share encoder passes, each isolated by attention masks (see README, Encoder packing). "
+        "shared: any windows together; per_key: only windows sent with the same API key (for tenants who require isolation; a window "
+        "without company of its key pays a pass of its own, its 4 s tail included); off: one window per pass, padded to 30 s (Whisper's layout).")
     acoustic_max_wait_ms: float = Field(5.0, ge=0, description="Longest a window waits for its encoder batch to fill while features are still being computed; 0: never waits.")
     decoder_max_batch_size: int = Field(0, ge=0, description="Most rows in a decoder's running batch; 0: 16 on CPU, 64 on CUDA.")
     decoder_max_wait_ms: float = Field(

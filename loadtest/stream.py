@@ -14,6 +14,8 @@ Definitions (per file):
   decided on its own (`endpoint`, `max_length`), from sending the frame that carried the audio at the
   final's `end` second to receiving it. An endpoint final therefore includes the silence the server
   waits for before it decides that the utterance ended.
+- last-final latency: the final latency of the file's last final when the client caused it (`close`): how
+  long a client that has sent all its audio waits for the rest of its transcript.
 - first-partial latency: from sending the first audio frame to receiving the file's first partial.
 - partial interval: time between consecutive partials of the same utterance (how often text updates).
   Partials carry no audio end time, so no latency against the audio is defined for them.
@@ -148,6 +150,13 @@ class StreamRecord:
     def final_latencies_s(self) -> list[float]:
         return [lat for i in self._indices("final") if (lat := self.latency(i)) is not None]
 
+    @property
+    def last_final_latency_s(self) -> float | None:
+        finals = self._indices("final")
+        if not finals or self.events[finals[-1]].data.get("reason") not in CLIENT_REASONS:
+            return None
+        return self.latency(finals[-1])
+
     def to_json(self) -> Json:
         return {
             "audio_s": self.audio_s,
@@ -162,6 +171,7 @@ class StreamRecord:
             "first_partial_latency_s": self.first_partial_latency_s,
             "partial_intervals_s": self.partial_intervals_s,
             "final_latencies_s": self.final_latencies_s,
+            "last_final_latency_s": self.last_final_latency_s,
             "events": [{"t": e.received_at - self.started_at, **e.data} for e in self.events],
         }
 
@@ -388,6 +398,7 @@ def summarize(results: Sequence[FileResult], *, streams: int, wall_s: float) -> 
     first_partials = [lat for rec in records if (lat := rec.first_partial_latency_s) is not None]
     intervals = [lat for rec in records for lat in rec.partial_intervals_s]
     finals = [lat for rec in records for lat in rec.final_latencies_s]
+    last_finals = [lat for rec in records if (lat := rec.last_final_latency_s) is not None]
     errors = [e for rec in records for e in rec.error_events]
 
     def close_key(rec: StreamRecord) -> str:
@@ -410,6 +421,8 @@ def summarize(results: Sequence[FileResult], *, streams: int, wall_s: float) -> 
         "partial_interval_p95_s": _pct(intervals, 95),
         "final_latency_p50_s": _pct(finals, 50),
         "final_latency_p95_s": _pct(finals, 95),
+        "last_final_latency_p50_s": _pct(last_finals, 50),
+        "last_final_latency_p95_s": _pct(last_finals, 95),
         "error_events": dict(Counter(str(e.data.get("code", "?")) for e in errors)),
         "close_codes": dict(Counter(close_key(rec) for rec in records)),
         "failed_sessions": sum(rec.error is not None for rec in records),
@@ -436,6 +449,7 @@ def format_summary(summary: Json) -> str:
             f"first partial p50/p95 s   {secs('first_partial')}",
             f"partial interval p50/p95  {secs('partial_interval')}",
             f"final latency p50/p95 s   {secs('final_latency')}",
+            f"last final p50/p95 s      {secs('last_final_latency')} (after the last audio and close)",
             f"error events              {sum(summary['error_events'].values())} ({counts('error_events')})",
             f"close codes               {counts('close_codes')}",
             f"failed sessions           {summary['failed_sessions']}",

@@ -19,6 +19,7 @@ from loadtest.faults import LEFT_WAITING, SUPERVISED, FaultPlan, FaultRun, forma
 from tests.conftest import JFK, Quiet
 from workers.decoding import DecodingOptions
 from workers.jobs import Job, WindowOptions
+from workers.packing import EncodedWindow, PassInput
 from workers.runner import ModelRunner, embedded_model_path
 from workers.scheduler import BatchPolicy, Priority
 from workers.stages import DecoderStage
@@ -85,7 +86,7 @@ def test_a_fault_handing_on_a_finished_row_leaves_no_running_row_unanswered() ->
     runner = ModelRunner(embedded_model_path(), torch.device("cpu"), DecodingOptions())
     jfk = decode_audio(JFK.read_bytes(), 60)
     windows = [jfk[: 16000 * 2], jfk]  # 2 s and 11 s: the short row leaves the batch long before the other
-    encoded = [runner.encode([runner.features(audio)])[0] for audio in windows]
+    encoded = [runner.encode([PassInput.alone(runner.features(audio))])[0] for audio in windows]
 
     class FailingOnce(Quiet):
         fired = 0
@@ -100,7 +101,7 @@ def test_a_fault_handing_on_a_finished_row_leaves_no_running_row_unanswered() ->
         jobs = [Job(audio=audio, offset_s=0.0, priority=Priority.BULK, options=WindowOptions("en", runner.prompt([], "en")))
                 for audio in windows]
         for job, data in zip(jobs, encoded):
-            job.data = data
+            job.data = EncodedWindow.alone(data)
             await stage.put(job)
         stage.start()  # both wait, so the first decode batch takes them together
         await asyncio.wait([job.future for job in jobs], timeout=15)  # both rows take about 2 s on 2 cores

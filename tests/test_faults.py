@@ -24,6 +24,7 @@ from loadtest.faults import in_process_server
 from tests.conftest import JFK, JFK_TEXT, Quiet, free_port, wav_bytes
 from workers.decoding import INITIAL_CACHE, DecodingOptions, GreedyDecoder
 from workers.jobs import Job, WindowOptions
+from workers.packing import EncodedWindow, PassInput
 from workers.runner import ModelRunner, embedded_model_path
 from workers.scheduler import BatchPolicy, Priority
 from workers.stages import DecoderStage, Stage, StageError, StageStopped
@@ -163,13 +164,13 @@ def runner() -> ModelRunner:
 
 @pytest.fixture(scope="module")
 def encoded_jfk(runner: ModelRunner) -> torch.Tensor:
-    return runner.encode([runner.features(decode_audio(JFK.read_bytes(), 60))])[0]
+    return runner.encode([PassInput.alone(runner.features(decode_audio(JFK.read_bytes(), 60)))])[0]
 
 
 def decode_jobs(runner: ModelRunner, encoded: torch.Tensor, count: int) -> list[Job]:
     jobs = [job(samples=16000 * 11, options=WindowOptions("en", runner.prompt([], "en"))) for _ in range(count)]
     for j in jobs:
-        j.data = encoded
+        j.data = EncodedWindow.alone(encoded)
     return jobs
 
 

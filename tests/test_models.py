@@ -143,7 +143,9 @@ def test_a_stream_chooses_its_model_by_query_or_start_message(two_models: Server
     after = samples(two_models)
     for record in (by_query, by_start):
         assert record.close_code == 1000 and not record.error_events
-        assert normalize(" ".join(record.final_texts)) == JFK_TEXT
+    assert normalize(" ".join(by_query.final_texts)) == JFK_TEXT
+    # by_start's audio ends with JFK's first second again ("and so"), which a packed window may well hear
+    assert normalize(" ".join(by_start.final_texts)) in (JFK_TEXT, JFK_TEXT + " and so")
     assert by_query.events[0].data["model"] == COPY
     assert by_start.events[1].data["type"] == "started" and by_start.events[1].data["model"] == COPY
     assert after[("asr_stream_final_latency_seconds_count", (("model", COPY),))] >= 2

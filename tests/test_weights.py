@@ -22,6 +22,7 @@ from tests.conftest import JFK
 from tests.ct2_files import QUANTIZATIONS, model_bin, quantize
 from workers.decoding import DecodeRow, DecodingOptions
 from workers.features import LogMelSpectrogram
+from workers.packing import PassInput
 from workers.runner import ModelRunner, embedded_model_path
 from workers.weights import ModelFormatError, load_whisper, read_ct2_file
 
@@ -77,7 +78,7 @@ def ct2_encode(model_dir: Path, compute_type: str, speech: torch.Tensor) -> tupl
 
 
 def our_run(runner: ModelRunner, speech: torch.Tensor) -> tuple[np.ndarray, str]:
-    encoded = runner.encode([speech])
+    encoded = runner.encode([PassInput.alone(speech)])
     decoder, row = runner.new_decoder(), DecodeRow(prompt=runner.tokenizer.sot_sequence(None))
     decoder.add([row], encoded)
     while decoder.running:

@@ -39,6 +39,8 @@ class DecodeRow:
     prompt: list[int]
     owner: Any = None  # what the stage attaches (the job); the decoder never looks at it
     max_tokens: int = 224  # a window's budget; a short window gets a small one (see token_budget)
+    last_timestamp: int = 1500  # in encoder frames (20 ms): its window's end; decoding stops there
+    forced: tuple[int, ...] = ()  # what its transcript must begin with (a stream's committed words): fed, not sampled
     tokens: list[int] = field(default_factory=list)
     sum_logprob: float = 0.0
     no_speech_prob: float = math.nan
@@ -46,7 +48,7 @@ class DecodeRow:
 
     @property
     def avg_logprob(self) -> float:
-        return self.sum_logprob / (len(self.tokens) + 1)
+        return self.sum_logprob / (len(self.tokens) - len(self.forced) + 1)
 
 
 def token_budget(duration_s: float) -> int:
@@ -58,7 +60,9 @@ def token_budget(duration_s: float) -> int:
 
 class TimestampRules:
     """openai/whisper's ApplyTimestampRules: the first token is a timestamp no later than the initial
-    limit; timestamps come in pairs (except right before end-of-text) and never go backwards."""
+    limit; timestamps come in pairs (except right before end-of-text) and never go backwards. And a row's
+    timestamps stop at its window's end, after which only end-of-text may follow (what a packed window's
+    row sees past its end is the encoding of silence, not of its own padding)."""
 
     def __init__(self, tokenizer: WhisperTokenizer, max_initial_timestamp_s: float):
         self.begin = tokenizer.timestamp_begin
@@ -69,6 +73,8 @@ class TimestampRules:
     def apply(self, logits: Tensor, rows: list[DecodeRow]) -> None:
         logits[:, self.no_timestamps] = -math.inf
         for k, row in enumerate(rows):
+            last = self.begin + row.last_timestamp
+            logits[k, last + 1 :] = -math.inf
             seq = row.tokens
             if not seq:
                 logits[k, : self.begin] = -math.inf
@@ -82,6 +88,10 @@ class TimestampRules:
                 else:
                     logits[k, : self.eot] = -math.inf
             last_timestamp = next(t for t in reversed(seq) if t >= self.begin)
+            if last_timestamp >= last:  # the window's end: nothing can follow
+                logits[k, : self.eot] = -math.inf
+                logits[k, self.eot + 1 :] = -math.inf
+                continue
             # a segment must have non-zero length, or decoding could loop on empty segments
             floor = last_timestamp if (last_was_timestamp and not penultimate_was_timestamp) else last_timestamp + 1
             logits[k, self.begin : floor] = -math.inf
@@ -129,15 +139,16 @@ class GreedyDecoder:
         feed their prompts and sample their first token. Returns rows that already finished."""
         decoder, device = self.model.decoder, audio_features.device
         start, stop = len(self.rows), len(self.rows) + len(rows)
-        width = max(len(r.prompt) for r in rows)
+        width = max(len(r.prompt) + len(r.forced) for r in rows)
         self._reserve(stop, width)
         state = self.cache.slots(start, stop)
         state.lengths.zero_()
         decoder.project_audio(audio_features, state)
         tokens = torch.full((len(rows), width), self.tokenizer.eot, dtype=torch.long)
         for i, row in enumerate(rows):
-            tokens[i, : len(row.prompt)] = torch.tensor(row.prompt)
-        counts = torch.tensor([len(r.prompt) for r in rows], device=device)
+            row.tokens = list(row.forced)
+            tokens[i, : len(row.prompt) + len(row.forced)] = torch.tensor([*row.prompt, *row.forced])
+        counts = torch.tensor([len(r.prompt) + len(r.forced) for r in rows], device=device)
         hidden = decoder(tokens.to(device), counts, state)
         self.rows.extend(rows)
         index = torch.arange(len(rows), device=device)

@@ -61,10 +61,20 @@ class EngineSnapshot:
     windows_in_flight: int  # submitted and not finished, queued or being worked on
     seconds_per_window: float  # how long the pipeline has taken per window while busy
     streams_open: int  # stream sessions holding audio and state
+    encoder_passes: int  # since the start; with the two below, the encoder's fill
+    encoder_windows: int
+    encoder_audio_s: float
 
     @property
     def windows_waiting(self) -> int:
         return sum(stage.queue_depth for stage in self.stages)
+
+    @property
+    def encoder_fill(self) -> dict[str, float]:
+        """Windows and seconds of audio per encoder pass since the start (a full pass holds 30 s)."""
+        per_pass = max(self.encoder_passes, 1)
+        return {"passes": self.encoder_passes, "windows": self.encoder_windows, "audio_s": round(self.encoder_audio_s, 1),
+                "windows_per_pass": round(self.encoder_windows / per_pass, 2), "audio_s_per_pass": round(self.encoder_audio_s / per_pass, 2)}
 
     @property
     def predicted_wait_s(self) -> float:
@@ -84,15 +94,17 @@ class Engine:
         pipeline.rate.on_finished = self._idle.notify
 
     # what a request may ask
-    def options(self, language: str | None, prompt: str | None) -> WindowOptions:
+    def options(self, language: str | None, prompt: str | None, tenant: str = "", prefix: str | None = None) -> WindowOptions:
         """Normalise a request's language and prompt; raises :class:`OptionError` for a language the model
-        does not have. What comes out cannot fail inside a shared batch."""
+        does not have. What comes out cannot fail inside a shared batch. ``prefix``: text the transcript of its
+        first window must begin with (a stream's committed words), so that only the rest is decoded."""
         code = (language or "en").strip().lower()
         if code not in self._info.languages:
             raise OptionError(f"the model {self.name} does not transcribe language {language!r}"
                               + ("" if self._info.multilingual else " (it is English-only: 'en')"))
         tokens = self._runner.tokenizer.encode(" " + prompt.strip()) if prompt and prompt.strip() else []
-        return WindowOptions(language=code, prompt=self._runner.prompt(tokens, code))
+        forced = self._runner.forced_prefix(prefix)
+        return WindowOptions(language=code, prompt=self._runner.prompt(tokens, code), forced=forced, tenant=tenant)
 
     def stream_options(self, language: str | None, interim_results: bool, endpoint_silence_s: float) -> StreamOptions:
         return StreamOptions(self.options(language, None).language, interim_results, endpoint_silence_s)
@@ -112,8 +124,9 @@ class Engine:
 
     def snapshot(self) -> EngineSnapshot:
         rate = self._pipeline.rate
+        fill = self._pipeline.fill
         return EngineSnapshot(tuple(stage.snapshot() for stage in self._pipeline.stages), rate.in_flight,
-                              rate.seconds_per_window, len(self._streams.sessions))
+                              rate.seconds_per_window, len(self._streams.sessions), fill.passes, fill.windows, fill.audio_s)
 
     def watch(self, observer: StageObserver) -> None:
         """Another observer of the stages (the profiler)."""
@@ -158,8 +171,8 @@ def load_engine(name: str, model_path: Path | str, settings: Settings, observer:
     pipeline = Pipeline(runner, policy, observers, seconds_per_window=warmup.encoder_s + warmup.decoder_s)
     engine: Engine | None = None
 
-    def window_options(language: str | None, prompt: str | None) -> WindowOptions:
-        return engine.options(language, prompt)
+    def window_options(language: str | None, prompt: str | None, tenant: str, prefix: str | None) -> WindowOptions:
+        return engine.options(language, prompt, tenant, prefix)
 
     streams = StreamEngine(pipeline, policy.stream, window_options)
     engine = Engine(name, runner, policy, warmup, streams, pipeline, observers)

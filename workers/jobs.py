@@ -48,6 +48,8 @@ class WindowOptions:
 
     language: str | None  # a code the model's tokenizer knows, lower case
     prompt: tuple[int, ...]  # the decoder's whole prompt: previous text (cut to fit), then the start-of-transcript sequence
+    forced: tuple[int, ...] = ()  # the transcript's first tokens, fed rather than sampled (see Engine.options)
+    tenant: str = ""  # whose API key sent it: with ASR_ENCODER_PACKING=per_key, only one tenant's windows share an encoder pass
 
 
 @dataclass(eq=False)  # a job is itself, not its contents (its audio is an array)

@@ -100,8 +100,8 @@ class EncoderBlock(nn.Module):
         self.attn, self.attn_ln = SelfAttention(n_state, n_head), LayerNorm(n_state)
         self.mlp, self.mlp_ln = _mlp(n_state), LayerNorm(n_state)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.attn_ln(x))
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.attn_ln(x), mask=mask)
         return x + self.mlp(self.mlp_ln(x))
 
 
@@ -128,14 +128,25 @@ class AudioEncoder(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(dims.n_audio_state, dims.n_audio_head) for _ in range(dims.n_audio_layer))
         self.ln_post = LayerNorm(dims.n_audio_state)
 
-    def forward(self, mel: Tensor) -> Tensor:
-        """mel [B, n_mels, 3000] -> audio features [B, 1500, D]"""
-        x = F.gelu(self.conv1(mel))
-        x = F.gelu(self.conv2(x)).transpose(1, 2)
-        x = x + self.positional_embedding
+    def forward(self, mel: Tensor, mask: Tensor | None = None, positions: Tensor | None = None,
+                segments: list[tuple[tuple[int, int], ...]] | None = None) -> Tensor:
+        """mel [B, n_mels, 2T] -> audio features [B, T, D] (T = 1500 for 30 s). A packed pass (see
+        workers/packing.py) gives ``mask`` [B, 1, T, T] (True: frame i may attend to frame j), each frame's
+        ``positions`` [B, T], and per item the mel-frame ``segments`` [start, stop) that are convolved each on
+        its own, as if it began a pass: no neighbour reaches a window through the convolutions' edges."""
+        if segments is None:
+            x = self._convolve(mel)
+        else:
+            x = torch.stack([torch.cat([self._convolve(m[None, :, a:b])[0] for a, b in spans]) for m, spans in zip(mel, segments)])
+        x = x + (self.positional_embedding if positions is None else self.positional_embedding[positions])
         for block in self.blocks:
-            x = block(x)
+            x = block(x, mask)
         return self.ln_post(x)
+
+
+    def _convolve(self, mel: Tensor) -> Tensor:
+        """mel [B, n_mels, 2T] -> [B, T, D]"""
+        return F.gelu(self.conv2(F.gelu(self.conv1(mel)))).transpose(1, 2)
 
 
 class DecoderCache:

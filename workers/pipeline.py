@@ -13,13 +13,14 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from configs.policies import EnginePolicy, StagePolicy
 from workers.features import CHUNK_SECONDS, SAMPLE_RATE
 from workers.jobs import Job, Segment, WindowOptions
+from workers.packing import FirstFitPacker, PackingMode, encoded_windows, encoder_input
 from workers.postprocess import PostProcessor
 from workers.runner import ModelRunner
 from workers.scheduler import BatchPolicy, Priority
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MIN_CUT_S = 20.0  # a long file is cut between 20 and 30 s into each window, at its quietest 100 ms
 MIN_REDECODE_S = 1.0  # less undecoded audio than this at a window's end is not decoded again
+MIN_WINDOW_S = 0.1  # a window shorter than this holds no word: it is not decoded (Whisper would make one up)
 MAX_REDECODES = 3  # per window, so a decoder that keeps stopping early cannot loop
 
 
@@ -76,6 +78,20 @@ class WindowRate:
         return sum(self._intervals) / len(self._intervals)
 
 
+@dataclass
+class EncoderFill:
+    """What the encoder's passes held, since the start: windows and seconds of audio per pass are its fill."""
+
+    passes: int = 0
+    windows: int = 0
+    audio_s: float = 0.0
+
+    def add(self, passes: int, windows: int, audio_s: float) -> None:
+        self.passes += passes
+        self.windows += windows
+        self.audio_s += audio_s
+
+
 def plan_windows(audio: np.ndarray) -> list[tuple[int, int]]:
     """[start, end) sample ranges of at most 30 s covering ``audio``, cut where it is quietest."""
     window, frame = CHUNK_SECONDS * SAMPLE_RATE, SAMPLE_RATE // 10
@@ -94,15 +110,26 @@ def rms_dbfs(audio: np.ndarray) -> float:
     return 10 * math.log10(float(np.mean(np.square(audio, dtype=np.float64))) + 1e-20)
 
 
-def build_stages(runner: ModelRunner, post: PostProcessor, policies: dict[str, StagePolicy], observer: StageObserver) -> list[Stage]:
+def build_stages(runner: ModelRunner, post: PostProcessor, policies: dict[str, StagePolicy], packing: PackingMode,
+                 fill: EncoderFill, observer: StageObserver) -> list[Stage]:
     """features -> acoustic -> decoder -> post, each with its batching policy, pool bounds and device."""
     model_device = "gpu" if runner.device.type == "cuda" else "cpu"
+    packer: FirstFitPacker[Job] = FirstFitPacker(policies["acoustic"].max_batch_size, packing,
+                                                 size=lambda job: len(job.audio), tenant=lambda job: job.options.tenant)
 
     def features(jobs: list[Job]) -> list:
         return [runner.features(job.audio) for job in jobs]
 
     def acoustic(jobs: list[Job]) -> list:
-        return list(runner.encode([job.data for job in jobs]))
+        layouts = packer.layout(jobs)
+        mels, samples = [job.data for job in jobs], [len(job.audio) for job in jobs]
+        encoded = runner.encode([encoder_input(mels, layout) for layout in layouts])
+        out: list = [None] * len(jobs)
+        for audio_features, layout in zip(encoded, layouts):
+            for index, window in encoded_windows(audio_features, layout, samples, runner.silence):
+                out[index] = window
+        fill.add(len(layouts), len(jobs), sum(samples) / SAMPLE_RATE)
+        return out
 
     def postprocess(jobs: list[Job]) -> list:
         return [post.window_result(job.data, job.duration_s, job.offset_s) for job in jobs]
@@ -113,7 +140,7 @@ def build_stages(runner: ModelRunner, post: PostProcessor, policies: dict[str, S
     f, a, d, p = (policies[name] for name in ("features", "acoustic", "decoder", "post"))
     stages = [
         Stage("features", "cpu", batching(f), f.workers, f.max_workers, features, observer),
-        Stage("acoustic", model_device, batching(a), a.workers, a.max_workers, acoustic, observer),
+        Stage("acoustic", model_device, batching(a), a.workers, a.max_workers, acoustic, observer, packer),
         DecoderStage(model_device, batching(d), d.workers, d.max_workers, runner.new_decoder, observer),
         Stage("post", "cpu", batching(p), p.workers, p.max_workers, postprocess, observer),
     ]
@@ -127,8 +154,10 @@ class Pipeline:
     def __init__(self, runner: ModelRunner, policy: EnginePolicy, observer: StageObserver, seconds_per_window: float = 1.0):
         self.runner = runner
         self.rate = WindowRate(seconds_per_window)
+        self.fill = EncoderFill()
         self.silence_dbfs = policy.silence_threshold_dbfs
-        self.stages: list[Stage] = build_stages(runner, PostProcessor(runner.tokenizer, policy.guards), policy.stages, observer)
+        self.stages: list[Stage] = build_stages(runner, PostProcessor(runner.tokenizer, policy.guards), policy.stages,
+                                                PackingMode(policy.encoder_packing), self.fill, observer)
 
     @property
     def entry(self) -> Stage:
@@ -164,7 +193,9 @@ class Pipeline:
         pending: dict[asyncio.Future, tuple[Job, int, int]] = {}
 
         async def submit(start: int, end: int, redecodes: int, priority: Priority) -> None:
-            job = Job(audio=audio[start:end], offset_s=start / SAMPLE_RATE, priority=priority, options=options)
+            # only the first window's transcript begins with the forced prefix
+            job = Job(audio=audio[start:end], offset_s=start / SAMPLE_RATE, priority=priority,
+                      options=options if start == 0 else replace(options, forced=()))
             if submitted is not None:
                 submitted.append(job)
             pending[job.future] = (job, end, redecodes)
@@ -175,7 +206,8 @@ class Pipeline:
         segments: list[Segment] = []
         try:
             for start, end in windows:
-                if rms_dbfs(audio[start:end]) >= self.silence_dbfs:  # Whisper hallucinates on silence
+                # Whisper hallucinates on silence and on clicks
+                if end - start >= MIN_WINDOW_S * SAMPLE_RATE and rms_dbfs(audio[start:end]) >= self.silence_dbfs:
                     await submit(start, end, 0, priority)
             while pending:
                 done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch
 
 from workers.decoding import DecodeRow, DecodingOptions, GreedyDecoder
 from workers.features import N_SAMPLES, LogMelSpectrogram
+from workers.packing import PackingMode, PassInput, encoded_windows, encoder_input, first_fit, stack
 from workers.tokenizer import WhisperTokenizer
 from workers.weights import ModelFormatError, load_whisper
 
@@ -38,7 +40,7 @@ def choose_device(requested: str) -> torch.device:
 
 @dataclass(frozen=True)
 class WarmupReport:
-    encoder_s: float  # one encoder pass over a 30 s window
+    encoder_s: float  # one encoder pass of a 10 s window, packed
     decoder_s: float  # one window decoded, prompt to end-of-text
 
 
@@ -56,22 +58,35 @@ class ModelRunner:
         self.suppress_tokens = list(config.get("suppress_ids", [])) + self.tokenizer.special_non_timestamps
         self.suppress_at_begin = list(config.get("suppress_ids_begin", [self.tokenizer.encode(" ")[0], self.tokenizer.eot]))
         self.mel = LogMelSpectrogram(self.model.dims.n_mels)
+        # what the decoder of a packed window sees after its own frames (see workers/packing.py)
+        self.silence = self.encode([PassInput.alone(self.features(np.zeros(N_SAMPLES, np.float32)))])[0]
 
     def features(self, audio: np.ndarray) -> torch.Tensor:
         """PCM window [samples] float32 16 kHz (<= 30 s) -> log-mel [n_mels, 3000], on the CPU."""
         return self.mel(torch.from_numpy(audio))
 
     @torch.inference_mode()
-    def encode(self, mels: list[torch.Tensor]) -> torch.Tensor:
-        """Log-mels -> encoder output [B, 1500, D] on the model's device."""
-        batch = torch.stack(mels).to(self.device, self.dtype, non_blocking=True)
-        return self.model.encoder(batch)
+    def encode(self, passes: Sequence[PassInput]) -> torch.Tensor:
+        """Encoder passes (see workers/packing.py) -> encoder output [B, frames, D] on the model's device (1500
+        frames for a 30 s pass, fewer for a batch of short packed passes)."""
+        mel, mask, positions, segments = stack(passes)
+        mel = mel.to(self.device, self.dtype, non_blocking=True)
+        mask = None if mask is None else mask.to(self.device, non_blocking=True)
+        return self.model.encoder(mel, mask, positions.to(self.device, non_blocking=True), segments)
 
     def prompt(self, previous_text_tokens: list[int], language: str | None) -> tuple[int, ...]:
         """The decoder's prompt: the previous text's last tokens (leaving room to sample), then the
         start-of-transcript sequence of ``language``."""
         previous = previous_text_tokens[-self.options.max_prompt_tokens :]
         return tuple(([self.tokenizer.sot_prev, *previous] if previous else []) + self.tokenizer.sot_sequence(language))
+
+    def forced_prefix(self, text: str | None) -> tuple[int, ...]:
+        """The tokens a window's transcript begins with when it must begin with ``text``: the window's first
+        timestamp, then the text; none when there is no text or it would leave too little room to sample."""
+        tokens = self.tokenizer.encode(" " + text.strip()) if text and text.strip() else []
+        if not tokens or len(tokens) > self.options.sample_len // 2:
+            return ()
+        return (self.tokenizer.timestamp_begin, *tokens)
 
     def new_decoder(self) -> GreedyDecoder:
         return GreedyDecoder(self.model, self.tokenizer, self.options, self.suppress_tokens, self.suppress_at_begin)
@@ -81,12 +96,15 @@ class ModelRunner:
         rng = np.random.default_rng(0)
         audio = (0.01 * rng.standard_normal(N_SAMPLES // 3)).astype(np.float32)
         started = time.perf_counter()
-        encoded = self.encode([self.features(audio)])
+        layout = first_fit([len(audio)], [""], PackingMode.SHARED)[0]
+        encoded = self.encode([encoder_input([self.features(audio)], layout)])
         self._sync()
         encoder_s = time.perf_counter() - started
+        (_, window), = encoded_windows(encoded[0], layout, [len(audio)], self.silence)
         decoder = self.new_decoder()
         started = time.perf_counter()
-        decoder.add([DecodeRow(prompt=list(self.prompt([], None)))], encoded)
+        decoder.add([DecodeRow(prompt=list(self.prompt([], None)), last_timestamp=window.last_timestamp)],
+                    window.audio_features[None])
         while decoder.running:
             decoder.step()
         self._sync()

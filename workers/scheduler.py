@@ -11,6 +11,10 @@ The queue is bounded, and room is reserved per priority (Triton's per-priority q
 may fill the queue only up to ``capacity - reserved_final - reserved_realtime``, interim steps up to
 ``capacity - reserved_final``, so a burst of REST files can never leave a stream's final without room.
 ``put`` waits for room (back-pressure on the stage before), ``offer`` refuses at once.
+
+With a :class:`Packer` (the acoustic stage's), a batch is not a count of items but what fits its encoder
+passes: items are taken in the same priority order, each one that still fits, so a short window later in
+the queue fills the room a long one left; the head of the queue always goes first, so none starves.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -67,6 +71,12 @@ class BatchPolicy:
         return self.capacity - self.reserved_final - self.reserved_realtime
 
 
+class Packer(Protocol[T]):
+    def fits(self, items: list[T]) -> bool:
+        """Whether these items make one batch."""
+        ...
+
+
 class Signal:
     """Wakes every waiter at once, and can be set from plain synchronous code: unlike asyncio.Condition it
     needs no lock, so no task has to be spawned to notify."""
@@ -99,8 +109,9 @@ class _Entry(Generic[T]):
 
 
 class DynamicBatchScheduler(Generic[T]):
-    def __init__(self, policy: BatchPolicy):
+    def __init__(self, policy: BatchPolicy, packer: Packer[T] | None = None):
         self.policy = policy
+        self.packer = packer
         self._queues: dict[Priority, deque[_Entry[T]]] = {p: deque() for p in Priority}
         self.changed = Signal()  # an item came or went
         # earned by every item taken, spent by a bulk item taken ahead of live work; capped at one so an
@@ -172,7 +183,7 @@ class DynamicBatchScheduler(Generic[T]):
             while not len(self):
                 await self.changed.wait()
             deadline = self._oldest_enqueued() + self.policy.max_wait_ms / 1000
-            while len(self) and len(self) < limit and more_coming() and not self._live_waiting():
+            while len(self) and not self._fills(limit) and more_coming() and not self._live_waiting():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -185,6 +196,12 @@ class DynamicBatchScheduler(Generic[T]):
         when not ``bulk``."""
         return self._take(min(max_items, self.policy.max_batch_size), bulk)
 
+    def _fills(self, limit: int) -> bool:
+        """Whether what waits makes a full batch."""
+        if self.packer is None:
+            return len(self) >= limit
+        return not self.packer.fits([entry.item for queue in self._queues.values() for entry in queue])
+
     def _live_waiting(self) -> bool:
         return bool(self._queues[Priority.FINAL] or self._queues[Priority.REALTIME])
 
@@ -192,6 +209,8 @@ class DynamicBatchScheduler(Generic[T]):
         return min(q[0].enqueued for q in self._queues.values() if q)
 
     def _take(self, limit: int, with_bulk: bool = True) -> list[T]:
+        if self.packer is not None:
+            return self._take_packed()
         batch: list[T] = []
         final, bulk = self._queues[Priority.FINAL], self._queues[Priority.BULK]
         while len(batch) < limit and (len(self) if with_bulk else len(self) - len(bulk)):
@@ -206,4 +225,23 @@ class DynamicBatchScheduler(Generic[T]):
                 batch.append(next(q for p, q in self._queues.items() if q and (with_bulk or p is not Priority.BULK)).popleft().item)
         if batch:
             self.changed.notify()  # room for whoever waits in put()
+        return batch
+
+    def _take_packed(self) -> list[T]:
+        """Each waiting item that still fits the batch, finals first, then interim steps and bulk work in the
+        order :meth:`_take` would give them (bulk ahead of interim steps when it has earned its share)."""
+        self._bulk_credit = min(1.0, self._bulk_credit + self.policy.bulk_share)
+        order = [Priority.FINAL, Priority.REALTIME, Priority.BULK]
+        if self._bulk_credit >= 1.0 and self._queues[Priority.BULK]:
+            self._bulk_credit -= 1.0
+            order = [Priority.FINAL, Priority.BULK, Priority.REALTIME]
+        batch: list[T] = []
+        for priority in order:
+            queue = self._queues[priority]
+            for entry in list(queue):
+                if not batch or self.packer.fits([*batch, entry.item]):
+                    queue.remove(entry)
+                    batch.append(entry.item)
+        if batch:
+            self.changed.notify()
         return batch

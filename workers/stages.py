@@ -25,7 +25,7 @@ import torch
 
 from workers.decoding import DecodeRow, GreedyDecoder, token_budget
 from workers.jobs import Job
-from workers.scheduler import BatchPolicy, DynamicBatchScheduler, Priority
+from workers.scheduler import BatchPolicy, DynamicBatchScheduler, Packer, Priority
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,10 @@ class Stage:
     is cancelled at once (it holds nothing), one that is busy leaves after the batch in its hands."""
 
     def __init__(self, name: str, device: str, policy: BatchPolicy, workers: int, max_workers: int,
-                 process: Callable[[list[Job]], list[Any]] | None, observer: StageObserver):
+                 process: Callable[[list[Job]], list[Any]] | None, observer: StageObserver, packer: Packer[Job] | None = None):
         self.name = name
         self.device = device
-        self.scheduler: DynamicBatchScheduler[Job] = DynamicBatchScheduler(policy)
+        self.scheduler: DynamicBatchScheduler[Job] = DynamicBatchScheduler(policy, packer)
         self.min_workers, self.max_workers = workers, max(workers, max_workers)
         self.process = process  # a batch's jobs -> their new data, one each, in the stage's executor
         self.observer = observer
@@ -403,9 +403,10 @@ class DecoderStage(Stage):
         decoder.remove(gone)
         finished = []
         if joining:
-            rows = [DecodeRow(prompt=list(job.options.prompt), owner=job, max_tokens=token_budget(job.duration_s))
+            rows = [DecodeRow(prompt=list(job.options.prompt), owner=job, max_tokens=token_budget(job.duration_s),
+                              last_timestamp=job.data.last_timestamp, forced=job.options.forced)
                     for job in joining]
-            finished += decoder.add(rows, torch.stack([job.data for job in joining]))
+            finished += decoder.add(rows, torch.stack([job.data.audio_features for job in joining]))
         finished += decoder.step()
         for row in finished:
             row.owner.data = row

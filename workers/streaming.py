@@ -37,6 +37,7 @@ from workers.vad import CHUNK_SAMPLES, CONTEXT_SAMPLES, SileroVAD
 log = logging.getLogger(__name__)
 
 MIN_STEP_AUDIO_S = 0.5  # no interim step on less audio than this
+SETTLED_S = 2.0  # committed words this far from the end of the audio are forced as the next transcription's start
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class StreamOptions:
     language: str | None = None
     interim_results: bool = True
     endpoint_silence_s: float = 0.6
+    tenant: str = ""  # whose API key opened it (see WindowOptions.tenant)
 
 
 @dataclass(frozen=True)
@@ -103,10 +105,10 @@ class VoiceActivity:
 class StreamEngine:
     """What every session shares: the pipeline, the VAD model and the thread that runs it."""
 
-    def __init__(self, pipeline: Pipeline, config: StreamPolicy, window_options: Callable[[str | None, str | None], WindowOptions]):
+    def __init__(self, pipeline: Pipeline, config: StreamPolicy, window_options: Callable[[str | None, str | None, str, str | None], WindowOptions]):
         self.pipeline = pipeline
         self.config = config
-        self.window_options = window_options  # (language, prompt text) -> what the decoder is given
+        self.window_options = window_options  # (language, prompt text, tenant, forced prefix) -> what the decoder is given
         self.vad_model = SileroVAD.load()
         # one thread: VAD costs 0.16 ms per 32 ms chunk, and must not take both cores from the model
         self._vad_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad")
@@ -255,7 +257,8 @@ class StreamSession:
                 break
         if step is None:
             self._cancel_step()
-        self._submit_final(_Step(self.utterance, start, end), reason, step)
+        # past a length cut, committed words may lie beyond the cut: only a whole utterance starts with them
+        self._submit_final(_Step(self.utterance, start, end), reason, step, self._settled(end) if reason != "max_length" else [])
         # a cut at max length leaves the speech after the cut to the next utterance
         self._reset_utterance(end if reason == "max_length" else None)
 
@@ -269,13 +272,25 @@ class StreamSession:
         self.hypothesis, self.committed, self.segments = [], [], []
         self.first_partial_sent, self.last_step = False, None
 
-    def _submit_final(self, span: _Step, reason: str, covering: _Step | None) -> None:
+    def _submit_final(self, span: _Step, reason: str, covering: _Step | None, committed: list[str] | None = None) -> None:
         audio = None if span.start == span.end else self._audio(span.start, span.end)
         before = self.finals[-1] if self.finals else None
-        task = asyncio.create_task(self._run_final(span, reason, audio, covering, before, time.monotonic()))
+        task = asyncio.create_task(self._run_final(span, reason, audio, covering, list(committed or []), before, time.monotonic()))
         self.finals.append(task)
         task.add_done_callback(self.finals.remove)
         self.utterance += 1
+
+    def _settled(self, end: int) -> list[str]:
+        """The committed words a transcription up to ``end`` is made to begin with: those of the leading
+        segments that ended SETTLED_S or more before ``end``. Words committed early, on a second or two of
+        audio, are often wrong ("desiring" for "there's iron"); forced, a wrong one would stay to the final."""
+        words: list[str] = []
+        for segment in self.segments:
+            seg_words = segment.text.split()
+            if len(words) + len(seg_words) > len(self.committed) or segment.end > end / SAMPLE_RATE - SETTLED_S:
+                break
+            words += seg_words
+        return words
 
     def _committed_boundary(self) -> int | None:
         """The end of the last segment all of whose words are committed, if past the first second."""
@@ -319,14 +334,18 @@ class StreamSession:
         # out to be an endpoint its final is (nearly) ready
         return not self.speaking and self.received >= self.last_speech_end + self._pad > covered
 
-    async def _transcribe(self, audio: np.ndarray, priority: Priority, submitted: list | None = None) -> Transcript:
-        options = self.engine.window_options(self.options.language, self._prompt())
+    async def _transcribe(self, audio: np.ndarray, priority: Priority, submitted: list | None = None,
+                          committed: list[str] | None = None) -> Transcript:
+        """``committed``: words two hypotheses agreed on, which the transcript is made to begin with: only the
+        rest of the utterance is decoded."""
+        prefix = " ".join(committed) if committed else None
+        options = self.engine.window_options(self.options.language, self._prompt(), self.options.tenant, prefix)
         return await self.engine.pipeline.transcribe(audio, options, priority, submitted)
 
     async def _run_step(self, step: _Step) -> Transcript | None:
         submitted = time.monotonic()
         try:
-            step.transcript = await self._transcribe(self._audio(step.start, step.end), Priority.REALTIME, step.jobs)
+            step.transcript = await self._transcribe(self._audio(step.start, step.end), Priority.REALTIME, step.jobs, self._settled(step.end))
         except Overloaded:
             return None  # the next step covers this audio too
         except Exception:  # noqa: BLE001 - an interim step that failed is skipped, the final will be tried
@@ -357,14 +376,14 @@ class StreamSession:
         self.emit(Partial(step.utterance, text, " ".join(self.committed), self._seconds(step.start), latency, first))
 
     async def _run_final(self, span: _Step, reason: str, audio: np.ndarray | None, covering: _Step | None,
-                         before: asyncio.Task | None, requested_at: float) -> None:
+                         committed: list[str], before: asyncio.Task | None, requested_at: float) -> None:
         try:
             if covering is not None and covering.task is not None:
                 self.engine.pipeline.promote(covering.jobs, Priority.FINAL)  # it is this final now: it must not wait as an interim step
                 await asyncio.wait([covering.task])  # it already covers the utterance; None if it failed
             transcript = covering.transcript if covering is not None else None
             if transcript is None and audio is not None:
-                transcript = await self._transcribe(audio, Priority.FINAL)
+                transcript = await self._transcribe(audio, Priority.FINAL, committed=committed)
         except Exception as exc:  # noqa: BLE001 - the session goes on; the client learns this utterance is lost
             log.exception("final of utterance %d failed", span.utterance)
             if before is not None:

@@ -50,7 +50,8 @@ async def pipeline(request: Request, model: Annotated[str | None, Query(max_leng
         **profile.to_json(),
         "engine": {"windows_in_flight": engine.windows_in_flight, "windows_waiting": engine.windows_waiting,
                    "seconds_per_window": round(engine.seconds_per_window, 3), "predicted_wait_s": round(engine.predicted_wait_s, 3),
-                   "streams_open": engine.streams_open, "worker_restarts": {s.name: s.restarts for s in engine.stages}},
+                   "streams_open": engine.streams_open, "worker_restarts": {s.name: s.restarts for s in engine.stages},
+                   "encoder_fill": engine.encoder_fill},
         "budgets": allocator.budgets(),
         "allocator": {
             "enabled": allocator.enabled, **asdict(allocator.policy),

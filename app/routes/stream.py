@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocketState
 
 from app.audio import PcmStream
+from app.auth import tenant_of
 from app.errors import APIError
 from app.limits import TokenBucket, client_identity
 from app.service import ServedModel, Service
@@ -140,7 +141,7 @@ class StreamConnection:
             self.pcm = PcmStream(options["encoding"], options["sample_rate"])
             self.session = self.served.engine.open_stream(
                 StreamOptions(language=options["language"], interim_results=options["interim_results"],
-                              endpoint_silence_s=options["endpoint_silence_ms"] / 1000), self.emit)
+                              endpoint_silence_s=options["endpoint_silence_ms"] / 1000, tenant=tenant_of(self.websocket.scope)), self.emit)
         return self.session
 
     async def run(self) -> None:

@@ -9,6 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from app.auth import tenant_of
 from app.errors import APIError
 from app.formats import ResponseFormat, service_json, to_srt, to_vtt, verbose_json
 from app.limits import admission_refusal
@@ -27,10 +28,10 @@ def _service(request: Request) -> Service:
     return service
 
 
-def _options(served: ServedModel, language: str | None, prompt: str | None) -> WindowOptions:
+def _options(request: Request, served: ServedModel, language: str | None, prompt: str | None) -> WindowOptions:
     """The request's options, normalised once: nothing in them can fail the batch they join."""
     try:
-        return served.engine.options(language, prompt)
+        return served.engine.options(language, prompt, tenant_of(request.scope))
     except OptionError as exc:
         raise APIError(400, "unsupported_language", str(exc)) from exc
 
@@ -97,7 +98,7 @@ async def transcribe(
 ) -> JSONResponse:
     service = _service(request)
     served = service.model(model)
-    options = _options(served, language, prompt)
+    options = _options(request, served, language, prompt)
     request_id = _request_id(request)
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form()
@@ -133,7 +134,7 @@ async def openai_transcriptions(
         raise APIError(400, "unsupported_temperature", "only greedy decoding is served: send temperature 0")
     if set(timestamp_granularities or []) - {"segment"}:
         raise APIError(400, "unsupported_granularity", "only timestamp_granularities[]=segment is served")
-    options = _options(served, language, prompt)
+    options = _options(request, served, language, prompt)
     headers = {"X-Request-Id": _request_id(request)}
     transcript = await _transcribe(request, service, served, await file.read(), options)
     if response_format is ResponseFormat.text:
