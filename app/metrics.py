@@ -110,7 +110,7 @@ class _EngineCollector(Collector):
         pressure = GaugeMetricFamily("asr_stage_pressure", "The profiler's pressure score (the bottleneck has the highest).", labels=stage_labels)
         wait = GaugeMetricFamily("asr_admission_predicted_wait_seconds", "How long work admitted now would wait for the windows in flight (the admission signal; a scaling signal).", labels=["model"])
         in_flight = GaugeMetricFamily("asr_windows_in_flight", "Windows submitted to the pipeline and not finished.", labels=["model"])
-        passes = CounterMetricFamily("asr_encoder_passes", "Encoder passes run (each a 30 s input holding one or more packed windows).", labels=["model"])
+        passes = CounterMetricFamily("asr_encoder_passes", "Encoder passes run (each one window padded to 30 s, or several packed windows and a 4 s tail).", labels=["model"])
         packed = CounterMetricFamily("asr_encoder_windows", "Windows encoded; per pass (over asr_encoder_passes_total), the encoder's fill.", labels=["model"])
         packed_audio = CounterMetricFamily("asr_encoder_audio_seconds", "Seconds of audio encoded; per pass, the encoder's fill (30 s would be a full pass).", labels=["model"])
         for model, (snapshot, profile) in self.models.items():

@@ -30,7 +30,7 @@ from loadtest.stream import decode_file
 from workers.decoding import DecodeRow, DecodingOptions, token_budget
 from workers.features import N_SAMPLES, SAMPLE_RATE
 from workers.model import AudioEncoder
-from workers.packing import PackingMode, PassInput, encoded_windows, encoder_input, first_fit
+from workers.packing import PackingMode, PassInput, first_fit
 from workers.runner import ModelRunner, embedded_model_path
 
 
@@ -42,24 +42,21 @@ class Variant:
     changes_numbers: bool = False  # then its WER is measured
 
 
-class MkldnnConvs(nn.Module):
-    """The encoder with its two convolutions run on oneDNN (mkldnn) tensors."""
+class MkldnnConv(nn.Module):
+    """A convolution run on oneDNN (mkldnn) tensors, taking and giving dense ones."""
 
-    def __init__(self, encoder: AudioEncoder):
+    def __init__(self, conv: nn.Conv1d):
         super().__init__()
-        self.encoder = encoder
-        self.conv1 = torch.utils.mkldnn.to_mkldnn(copy.deepcopy(encoder.conv1))
-        self.conv2 = torch.utils.mkldnn.to_mkldnn(copy.deepcopy(encoder.conv2))
+        self.conv = torch.utils.mkldnn.to_mkldnn(copy.deepcopy(conv))
 
-    def forward(self, mel, mask=None, positions=None, segments=None):
-        e = self.encoder
-        x = self.conv1(mel.to_mkldnn()).to_dense()
-        x = torch.nn.functional.gelu(x)
-        x = torch.nn.functional.gelu(self.conv2(x.to_mkldnn()).to_dense()).transpose(1, 2)
-        x = x + (e.positional_embedding if positions is None else e.positional_embedding[positions])
-        for block in e.blocks:
-            x = block(x, mask)
-        return e.ln_post(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x.to_mkldnn()).to_dense()
+
+
+def mkldnn_convs(encoder: AudioEncoder) -> nn.Module:
+    encoder = copy.deepcopy(encoder)
+    encoder.conv1, encoder.conv2 = MkldnnConv(encoder.conv1), MkldnnConv(encoder.conv2)
+    return encoder
 
 
 def int8_linears(encoder: AudioEncoder) -> nn.Module:
@@ -73,7 +70,7 @@ def compiled(encoder: AudioEncoder) -> nn.Module:
 VARIANTS = [
     Variant("fp32, 2 threads (the server's)", lambda e: e),
     Variant("fp32, 1 thread", lambda e: e, threads=1),
-    Variant("channels-last / oneDNN convolutions", MkldnnConvs),
+    Variant("channels-last / oneDNN convolutions", mkldnn_convs),
     Variant("int8 linears (fbgemm dynamic)", int8_linears, changes_numbers=True),
     Variant("torch.compile (inductor)", compiled),
 ]
@@ -99,11 +96,7 @@ def wer_with(runner: ModelRunner, encoder: nn.Module, rows, audios) -> float:
         for start in range(0, len(audios), 3):
             batch = audios[start : start + 3]
             layouts = first_fit([len(a) for a in batch], [""] * len(batch), PackingMode.SHARED)
-            mels = [runner.features(a) for a in batch]
-            encoded = runner.encode([encoder_input(mels, layout) for layout in layouts])
-            windows = {}
-            for features, layout in zip(encoded, layouts):
-                windows.update(encoded_windows(features, layout, [len(a) for a in batch], runner.silence))
+            windows = runner.encode_windows(layouts, [runner.features(a) for a in batch], [len(a) for a in batch])
             for k, audio in enumerate(batch):
                 decoder = runner.new_decoder()
                 row = DecodeRow(prompt=list(runner.prompt([], None)), max_tokens=token_budget(len(audio) / SAMPLE_RATE),

@@ -8,16 +8,14 @@ import torch
 
 from app.audio import decode_audio
 from workers.decoding import DecodeRow, DecodingOptions
-from workers.packing import PackingMode, encoded_windows, encoder_input, first_fit
+from workers.packing import PackingMode, first_fit
 from workers.runner import ModelRunner, embedded_model_path
 
 JFK = Path(__file__).resolve().parents[2] / "shared" / "eval" / "audio" / "faster_whisper_tests" / "jfk.flac"
 
 
 def decode(runner: ModelRunner, audio, forced: tuple[int, ...]) -> DecodeRow:
-    layout = first_fit([len(audio)], [""], PackingMode.SHARED)[0]
-    encoded = runner.encode([encoder_input([runner.features(audio)], layout)])[0]
-    (_, window), = encoded_windows(encoded, layout, [len(audio)], runner.silence)
+    window, = runner.encode_windows(first_fit([len(audio)], [""], PackingMode.SHARED), [runner.features(audio)], [len(audio)])
     decoder = runner.new_decoder()
     row = DecodeRow(prompt=list(runner.prompt([], None)), last_timestamp=window.last_timestamp, forced=forced)
     decoder.add([row], window.audio_features[None])

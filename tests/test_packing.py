@@ -11,8 +11,7 @@ from loadtest.evalset import load_rows, normalize
 from loadtest.stream import decode_file
 from workers.decoding import DecodeRow, DecodingOptions, token_budget
 from workers.features import SAMPLE_RATE
-from workers.packing import (PACKABLE_FRAMES, EncodedWindow, FirstFitPacker, PackingMode, PassInput, encoded_windows,
-                             encoder_input, first_fit, packed_frames)
+from workers.packing import PACKABLE_FRAMES, FirstFitPacker, PackingMode, PassInput, first_fit, packed_frames
 from workers.runner import ModelRunner, embedded_model_path
 from workers.scheduler import BatchPolicy, DynamicBatchScheduler, Priority
 
@@ -65,12 +64,7 @@ def utterances() -> list[tuple[str, object]]:
 def transcribe_packed(runner: ModelRunner, audios: list) -> list[str]:
     """The windows as the acoustic and decoder stages run them: first fit into passes, each row on its own."""
     layouts = first_fit([len(a) for a in audios], [""] * len(audios), PackingMode.SHARED)
-    mels = [runner.features(a) for a in audios]
-    encoded = runner.encode([encoder_input(mels, layout) for layout in layouts])
-    windows: list[EncodedWindow | None] = [None] * len(audios)
-    for features, layout in zip(encoded, layouts):
-        for index, window in encoded_windows(features, layout, [len(a) for a in audios], runner.silence):
-            windows[index] = window
+    windows = runner.encode_windows(layouts, [runner.features(a) for a in audios], [len(a) for a in audios])
     decoder = runner.new_decoder()
     rows = [DecodeRow(prompt=list(runner.prompt([], None)), max_tokens=token_budget(len(a) / SAMPLE_RATE),
                       last_timestamp=w.last_timestamp) for a, w in zip(audios, windows)]

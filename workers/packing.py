@@ -125,8 +125,9 @@ class FirstFitPacker(Generic[T]):
         return first_fit([self.size(i) for i in items], [self.tenant(i) for i in items], self.mode)
 
     def fits(self, items: Sequence[T]) -> bool:
-        frames = [min(packed_frames(self.size(i)), N_FRAMES) for i in items]
-        if sum(frames) > self.passes * PACKABLE_FRAMES + sum(f for f in frames if f > PACKABLE_FRAMES):
+        frames = [packed_frames(self.size(i)) for i in items]
+        packable = [f for f in frames if f <= PACKABLE_FRAMES]
+        if sum(packable) > (self.passes - (len(frames) - len(packable))) * PACKABLE_FRAMES:
             return False  # cannot fit, whatever the layout: a queue of hundreds is answered without laying it out
         return len(self.layout(items)) <= self.passes
 
@@ -135,9 +136,9 @@ class FirstFitPacker(Generic[T]):
 class PassInput:
     """What the encoder runs for one pass."""
 
-    mel: torch.Tensor  # [n_mels, 3000]
-    mask: torch.Tensor | None  # [1500, 1500], True where frame i may attend to frame j; None: all to all
-    positions: torch.Tensor  # [1500]: each frame's position embedding
+    mel: torch.Tensor  # [n_mels, 2T]: 3000 mel frames unpacked, its windows and tail packed
+    mask: torch.Tensor | None  # [T, T], True where encoder frame i may attend to frame j; None: all to all
+    positions: torch.Tensor  # [T]: each encoder frame's position embedding
     segments: tuple[tuple[int, int], ...]  # mel-frame ranges convolved each on its own: the windows and the tail
 
     @classmethod

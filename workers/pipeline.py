@@ -20,7 +20,7 @@ import numpy as np
 from configs.policies import EnginePolicy, StagePolicy
 from workers.features import CHUNK_SECONDS, SAMPLE_RATE
 from workers.jobs import Job, Segment, WindowOptions
-from workers.packing import FirstFitPacker, PackingMode, encoded_windows, encoder_input
+from workers.packing import FirstFitPacker, PackingMode
 from workers.postprocess import PostProcessor
 from workers.runner import ModelRunner
 from workers.scheduler import BatchPolicy, Priority
@@ -121,15 +121,10 @@ def build_stages(runner: ModelRunner, post: PostProcessor, policies: dict[str, S
         return [runner.features(job.audio) for job in jobs]
 
     def acoustic(jobs: list[Job]) -> list:
-        layouts = packer.layout(jobs)
-        mels, samples = [job.data for job in jobs], [len(job.audio) for job in jobs]
-        encoded = runner.encode([encoder_input(mels, layout) for layout in layouts])
-        out: list = [None] * len(jobs)
-        for audio_features, layout in zip(encoded, layouts):
-            for index, window in encoded_windows(audio_features, layout, samples, runner.silence):
-                out[index] = window
+        layouts, samples = packer.layout(jobs), [len(job.audio) for job in jobs]
+        windows = runner.encode_windows(layouts, [job.data for job in jobs], samples)
         fill.add(len(layouts), len(jobs), sum(samples) / SAMPLE_RATE)
-        return out
+        return windows
 
     def postprocess(jobs: list[Job]) -> list:
         return [post.window_result(job.data, job.duration_s, job.offset_s) for job in jobs]

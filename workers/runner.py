@@ -17,7 +17,7 @@ import torch
 
 from workers.decoding import DecodeRow, DecodingOptions, GreedyDecoder
 from workers.features import N_SAMPLES, LogMelSpectrogram
-from workers.packing import PackingMode, PassInput, encoded_windows, encoder_input, first_fit, stack
+from workers.packing import EncodedWindow, PackingMode, PassInput, PassLayout, encoded_windows, encoder_input, first_fit, stack
 from workers.tokenizer import WhisperTokenizer
 from workers.weights import ModelFormatError, load_whisper
 
@@ -80,6 +80,16 @@ class ModelRunner:
         previous = previous_text_tokens[-self.options.max_prompt_tokens :]
         return tuple(([self.tokenizer.sot_prev, *previous] if previous else []) + self.tokenizer.sot_sequence(language))
 
+    def encode_windows(self, layouts: Sequence[PassLayout], mels: Sequence[torch.Tensor], samples: Sequence[int]) -> list[EncodedWindow]:
+        """Windows (their log-mels and lengths) laid out in ``layouts`` (the packer's decision) -> what each
+        window's decoder row needs, in the windows' order."""
+        encoded = self.encode([encoder_input(mels, layout) for layout in layouts])
+        windows: list = [None] * len(mels)
+        for audio_features, layout in zip(encoded, layouts):
+            for index, window in encoded_windows(audio_features, layout, samples, self.silence):
+                windows[index] = window
+        return windows
+
     def forced_prefix(self, text: str | None) -> tuple[int, ...]:
         """The tokens a window's transcript begins with when it must begin with ``text``: the window's first
         timestamp, then the text; none when there is no text or it would leave too little room to sample."""
@@ -96,11 +106,9 @@ class ModelRunner:
         rng = np.random.default_rng(0)
         audio = (0.01 * rng.standard_normal(N_SAMPLES // 3)).astype(np.float32)
         started = time.perf_counter()
-        layout = first_fit([len(audio)], [""], PackingMode.SHARED)[0]
-        encoded = self.encode([encoder_input([self.features(audio)], layout)])
+        window, = self.encode_windows(first_fit([len(audio)], [""], PackingMode.SHARED), [self.features(audio)], [len(audio)])
         self._sync()
         encoder_s = time.perf_counter() - started
-        (_, window), = encoded_windows(encoded[0], layout, [len(audio)], self.silence)
         decoder = self.new_decoder()
         started = time.perf_counter()
         decoder.add([DecodeRow(prompt=list(self.prompt([], None)), last_timestamp=window.last_timestamp)],

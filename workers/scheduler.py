@@ -210,7 +210,7 @@ class DynamicBatchScheduler(Generic[T]):
 
     def _take(self, limit: int, with_bulk: bool = True) -> list[T]:
         if self.packer is not None:
-            return self._take_packed()
+            return self._take_packed(with_bulk)
         batch: list[T] = []
         final, bulk = self._queues[Priority.FINAL], self._queues[Priority.BULK]
         while len(batch) < limit and (len(self) if with_bulk else len(self) - len(bulk)):
@@ -227,12 +227,14 @@ class DynamicBatchScheduler(Generic[T]):
             self.changed.notify()  # room for whoever waits in put()
         return batch
 
-    def _take_packed(self) -> list[T]:
-        """Each waiting item that still fits the batch, finals first, then interim steps and bulk work in the
-        order :meth:`_take` would give them (bulk ahead of interim steps when it has earned its share)."""
+    def _take_packed(self, with_bulk: bool) -> list[T]:
+        """Each waiting item that still fits the batch, finals first, then interim steps and bulk work (if
+        ``with_bulk``) in the order :meth:`_take` would give them (bulk ahead of interim steps when it has earned its share)."""
         self._bulk_credit = min(1.0, self._bulk_credit + self.policy.bulk_share)
         order = [Priority.FINAL, Priority.REALTIME, Priority.BULK]
-        if self._bulk_credit >= 1.0 and self._queues[Priority.BULK]:
+        if not with_bulk:
+            order = [Priority.FINAL, Priority.REALTIME]
+        elif self._bulk_credit >= 1.0 and self._queues[Priority.BULK]:
             self._bulk_credit -= 1.0
             order = [Priority.FINAL, Priority.BULK, Priority.REALTIME]
         batch: list[T] = []

@@ -20,7 +20,7 @@ import logging
 import re
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -272,10 +272,10 @@ class StreamSession:
         self.hypothesis, self.committed, self.segments = [], [], []
         self.first_partial_sent, self.last_step = False, None
 
-    def _submit_final(self, span: _Step, reason: str, covering: _Step | None, committed: list[str] | None = None) -> None:
+    def _submit_final(self, span: _Step, reason: str, covering: _Step | None, prefix: list[str] | None = None) -> None:
         audio = None if span.start == span.end else self._audio(span.start, span.end)
         before = self.finals[-1] if self.finals else None
-        task = asyncio.create_task(self._run_final(span, reason, audio, covering, list(committed or []), before, time.monotonic()))
+        task = asyncio.create_task(self._run_final(span, reason, audio, covering, prefix or [], before, time.monotonic()))
         self.finals.append(task)
         task.add_done_callback(self.finals.remove)
         self.utterance += 1
@@ -285,20 +285,25 @@ class StreamSession:
         segments that ended SETTLED_S or more before ``end``. Words committed early, on a second or two of
         audio, are often wrong ("desiring" for "there's iron"); forced, a wrong one would stay to the final."""
         words: list[str] = []
-        for segment in self.segments:
-            seg_words = segment.text.split()
-            if len(words) + len(seg_words) > len(self.committed) or segment.end > end / SAMPLE_RATE - SETTLED_S:
+        for segment in self._committed_segments():
+            if segment.end > end / SAMPLE_RATE - SETTLED_S:
                 break
-            words += seg_words
+            words += segment.text.split()
         return words
 
-    def _committed_boundary(self) -> int | None:
-        """The end of the last segment all of whose words are committed, if past the first second."""
-        boundary, words = None, 0
+    def _committed_segments(self) -> Iterator[Segment]:
+        """The leading segments of the last hypothesis all of whose words are committed."""
+        words = 0
         for segment in self.segments:
             words += len(segment.text.split())
             if words > len(self.committed):
-                break
+                return
+            yield segment
+
+    def _committed_boundary(self) -> int | None:
+        """The end of the last segment all of whose words are committed, if past the first second."""
+        boundary = None
+        for segment in self._committed_segments():
             boundary = int(segment.end * SAMPLE_RATE)
         if boundary is None or boundary - self.utterance_start < SAMPLE_RATE or boundary > self.received:
             return None
@@ -335,11 +340,11 @@ class StreamSession:
         return not self.speaking and self.received >= self.last_speech_end + self._pad > covered
 
     async def _transcribe(self, audio: np.ndarray, priority: Priority, submitted: list | None = None,
-                          committed: list[str] | None = None) -> Transcript:
-        """``committed``: words two hypotheses agreed on, which the transcript is made to begin with: only the
-        rest of the utterance is decoded."""
-        prefix = " ".join(committed) if committed else None
-        options = self.engine.window_options(self.options.language, self._prompt(), self.options.tenant, prefix)
+                          prefix: list[str] | None = None) -> Transcript:
+        """``prefix``: settled committed words (see :meth:`_settled`) the transcript is made to begin with:
+        only the rest of the utterance is decoded."""
+        options = self.engine.window_options(self.options.language, self._prompt(), self.options.tenant,
+                                             " ".join(prefix) if prefix else None)
         return await self.engine.pipeline.transcribe(audio, options, priority, submitted)
 
     async def _run_step(self, step: _Step) -> Transcript | None:
@@ -376,14 +381,14 @@ class StreamSession:
         self.emit(Partial(step.utterance, text, " ".join(self.committed), self._seconds(step.start), latency, first))
 
     async def _run_final(self, span: _Step, reason: str, audio: np.ndarray | None, covering: _Step | None,
-                         committed: list[str], before: asyncio.Task | None, requested_at: float) -> None:
+                         prefix: list[str], before: asyncio.Task | None, requested_at: float) -> None:
         try:
             if covering is not None and covering.task is not None:
                 self.engine.pipeline.promote(covering.jobs, Priority.FINAL)  # it is this final now: it must not wait as an interim step
                 await asyncio.wait([covering.task])  # it already covers the utterance; None if it failed
             transcript = covering.transcript if covering is not None else None
             if transcript is None and audio is not None:
-                transcript = await self._transcribe(audio, Priority.FINAL, committed=committed)
+                transcript = await self._transcribe(audio, Priority.FINAL, prefix=prefix)
         except Exception as exc:  # noqa: BLE001 - the session goes on; the client learns this utterance is lost
             log.exception("final of utterance %d failed", span.utterance)
             if before is not None:
