@@ -40,11 +40,12 @@ def test_per_key_packing_never_puts_two_tenants_in_one_pass_and_off_packs_nothin
 def test_the_scheduler_takes_what_fits_a_pass_and_a_short_window_fills_the_room_a_long_one_left() -> None:
     packer = FirstFitPacker(1, PackingMode.SHARED, size=lambda seconds: seconds * SECOND, tenant=lambda _: "")
     scheduler: DynamicBatchScheduler[int] = DynamicBatchScheduler(BatchPolicy(1, 0, 64), packer)
-    for seconds in (10, 10, 10, 2, 3):
+    for seconds in (4, 10, 10, 10, 2, 3):
         scheduler.offer(seconds, Priority.BULK)
-    scheduler.offer(4, Priority.FINAL)
+    scheduler.offer(1, Priority.FINAL)
+    scheduler.offer(5, Priority.FINAL)
+    assert scheduler.take_ready(64) == [1, 5]  # finals alone: anything else in their pass would delay them
     batch = scheduler.take_ready(64)
-    assert batch[0] == 4  # the final first
     assert packer.fits(batch) and sum(batch) <= PACKABLE_FRAMES / 100
     assert batch == [4, 10, 10]  # a third 10 s window does not fit; 2 s does, but 4 + 10 + 10 + 2 + guards does not
     assert scheduler.take_ready(64) == [10, 2, 3]

@@ -158,7 +158,7 @@ def test_bulk_share_never_passes_a_final() -> None:
     assert run(main()) == [["final"], ["bulk"], ["live"]]
 
 
-def test_a_promoted_item_moves_ahead_and_a_live_only_take_leaves_bulk_work() -> None:
+def test_a_promoted_item_moves_ahead_and_finals_are_taken_alone() -> None:
     async def main():
         s = DynamicBatchScheduler(BatchPolicy(max_batch_size=4, max_wait_ms=0, capacity=100))
         for item in ("bulk", "step1", "step2"):
@@ -166,10 +166,11 @@ def test_a_promoted_item_moves_ahead_and_a_live_only_take_leaves_bulk_work() -> 
         s.offer("final", Priority.FINAL)
         assert s.promote("step2", Priority.FINAL) and not s.promote("missing", Priority.FINAL)
         assert not s.promote("final", Priority.FINAL)  # not below the target priority: nothing to do
-        return s.take_ready(4, bulk=False), s.take_ready(4)
+        return s.take_ready(4, Priority.REALTIME), s.take_ready(4)
 
-    live, rest = run(main())
-    assert live == ["step2", "final", "step1"] and rest == ["bulk"]  # step2 waited before the final: it keeps its place
+    finals, rest = run(main())
+    assert finals == ["step2", "final"]  # step2 waited before the final: it keeps its place; step1 would slow them
+    assert rest == ["step1", "bulk"]
 
 
 def test_policy_validation() -> None:

@@ -5,7 +5,8 @@ as soon as the caller says nothing more is on its way, whichever comes first: a 
 polling interval. The end of an utterance goes before a stream's interim steps, which go before bulk
 work (REST files), except that ``bulk_share`` of the items taken go to bulk work ahead of interim steps
 whenever some waits: a steady stream load cannot starve a REST request forever (finals are never
-passed: there are never more of them than open streams).
+passed: there are never more of them than open streams). While finals wait, a batch holds finals only: on
+the CPU a batch costs in proportion to what it holds, so each other item in it would delay them.
 
 The queue is bounded, and room is reserved per priority (Triton's per-priority queue policy): bulk work
 may fill the queue only up to ``capacity - reserved_final - reserved_realtime``, interim steps up to
@@ -191,10 +192,10 @@ class DynamicBatchScheduler(Generic[T]):
             if len(self):  # else another worker took it meanwhile: wait again
                 return self._take(limit)
 
-    def take_ready(self, max_items: int, bulk: bool = True) -> list[T]:
-        """Whatever is waiting, up to ``max_items``, without waiting (joins a running batch); live work only
-        when not ``bulk``."""
-        return self._take(min(max_items, self.policy.max_batch_size), bulk)
+    def take_ready(self, max_items: int, lowest: Priority = Priority.BULK) -> list[T]:
+        """Whatever is waiting at ``lowest`` priority or more urgent, up to ``max_items``, without waiting
+        (joins a running batch)."""
+        return self._take(min(max_items, self.policy.max_batch_size), lowest)
 
     def _fills(self, limit: int) -> bool:
         """Whether what waits makes a full batch."""
@@ -208,35 +209,35 @@ class DynamicBatchScheduler(Generic[T]):
     def _oldest_enqueued(self) -> float:
         return min(q[0].enqueued for q in self._queues.values() if q)
 
-    def _take(self, limit: int, with_bulk: bool = True) -> list[T]:
+    def _take(self, limit: int, lowest: Priority = Priority.BULK) -> list[T]:
+        """Finals alone while any wait: each other item in their batch would make it, and them, longer."""
+        if self._queues[Priority.FINAL]:
+            lowest = Priority.FINAL
         if self.packer is not None:
-            return self._take_packed(with_bulk)
+            return self._take_packed(lowest)
         batch: list[T] = []
-        final, bulk = self._queues[Priority.FINAL], self._queues[Priority.BULK]
-        while len(batch) < limit and (len(self) if with_bulk else len(self) - len(bulk)):
-            if final:
-                batch.append(final.popleft().item)
-                continue
-            self._bulk_credit = min(1.0, self._bulk_credit + self.policy.bulk_share)
-            if bulk and with_bulk and self._bulk_credit >= 1.0:
-                self._bulk_credit -= 1.0
-                batch.append(bulk.popleft().item)
-            else:
-                batch.append(next(q for p, q in self._queues.items() if q and (with_bulk or p is not Priority.BULK)).popleft().item)
+        queues = [q for p, q in self._queues.items() if p <= lowest]
+        while len(batch) < limit and any(queues):
+            if lowest is Priority.BULK:
+                self._bulk_credit = min(1.0, self._bulk_credit + self.policy.bulk_share)
+                if self._queues[Priority.BULK] and self._bulk_credit >= 1.0:
+                    self._bulk_credit -= 1.0
+                    batch.append(self._queues[Priority.BULK].popleft().item)
+                    continue
+            batch.append(next(q for q in queues if q).popleft().item)
         if batch:
             self.changed.notify()  # room for whoever waits in put()
         return batch
 
-    def _take_packed(self, with_bulk: bool) -> list[T]:
-        """Each waiting item that still fits the batch, finals first, then interim steps and bulk work (if
-        ``with_bulk``) in the order :meth:`_take` would give them (bulk ahead of interim steps when it has earned its share)."""
-        self._bulk_credit = min(1.0, self._bulk_credit + self.policy.bulk_share)
-        order = [Priority.FINAL, Priority.REALTIME, Priority.BULK]
-        if not with_bulk:
-            order = [Priority.FINAL, Priority.REALTIME]
-        elif self._bulk_credit >= 1.0 and self._queues[Priority.BULK]:
-            self._bulk_credit -= 1.0
-            order = [Priority.FINAL, Priority.BULK, Priority.REALTIME]
+    def _take_packed(self, lowest: Priority) -> list[T]:
+        """Each waiting item that still fits the batch, at ``lowest`` priority or more urgent, in the order
+        :meth:`_take` would give them (bulk ahead of interim steps when it has earned its share)."""
+        order = [p for p in Priority if p <= lowest]
+        if lowest is Priority.BULK and self._queues[Priority.BULK]:
+            self._bulk_credit = min(1.0, self._bulk_credit + self.policy.bulk_share)
+            if self._bulk_credit >= 1.0:
+                self._bulk_credit -= 1.0
+                order = [Priority.BULK, Priority.REALTIME]
         batch: list[T] = []
         for priority in order:
             queue = self._queues[priority]

@@ -344,9 +344,10 @@ class DecoderStage(Stage):
             if gone:
                 self.observer.windows_abandoned(self.name, len(gone))
             if decoder.running or leaving:
-                # while a stream's rows run, no bulk row joins: each one would make every step of theirs slower
-                live = any(row.owner.priority is not Priority.BULK for row in decoder.rows)
-                joining = [] if leaving else self.scheduler.take_ready(capacity - decoder.running, bulk=not live)
+                # no row less urgent than the running ones joins (no interim step beside a final, no bulk row
+                # beside a stream's): each one would make every step of theirs slower
+                lowest = min((row.owner.priority for row in decoder.rows), default=Priority.BULK)
+                joining = [] if leaving else self.scheduler.take_ready(capacity - decoder.running, lowest)
             else:
                 joining = await self._wait_for_work(lambda: self._next_batch(decoder, capacity))
             joining = self._live(joining)
