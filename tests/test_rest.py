@@ -118,8 +118,9 @@ def test_windows_of_a_client_that_has_gone_are_dropped(server: Server) -> None:
     before = acoustic_windows()
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}/v1/transcribe", content=wav_bytes(long_audio), timeout=httpx.Timeout(60, read=1.5))
-    time.sleep(8)  # time to encode all 24 windows (0.3-0.5 s each) had they stayed queued
+    time.sleep(8)  # time to encode all 24 windows (0.2-0.5 s each) had they stayed queued
     encoded = acoustic_windows() - before
-    assert encoded <= 6, encoded
+    # those encoded in the 1.5 s before the client left (about 7 on a fast day) and no more: at most half
+    assert encoded <= 12, encoded
     with httpx.Client(base_url=server.url, timeout=60) as client:  # and the server serves the next one as usual
         assert "country" in client.post("/v1/transcribe", files={"file": ("jfk.flac", JFK.read_bytes())}).json()["text"]
