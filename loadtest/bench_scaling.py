@@ -18,13 +18,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
+from loadtest.bench_rest import SystemResult
 from loadtest.evalset import EvalRow
-from loadtest.harness import Json, add_common_arguments, log, rows_or_exit, stream_url, target_server, write_json
+from loadtest.harness import Json, add_common_arguments, log, rows_or_exit, seconds, stream_url, target_server, write_json
 from loadtest.plotting import new_figure, save_figure
 from loadtest.rest import positive_int, run_rest_load
 from loadtest.stream import StreamClient, assign, decode_file, run_streams, summarize
@@ -42,17 +44,16 @@ def counts(text: str) -> tuple[int, ...]:
 
 
 def rest_point(url: str, rows: Sequence[EvalRow], concurrency: int) -> Json:
-    result = asyncio.run(run_rest_load(url, rows, concurrency))
-    point = {"concurrency": concurrency, "rtfx": result.audio_s / result.wall_s, "wer": result.wer,
-             "latency_p50_s": result.latency_p50_s, "latency_p95_s": result.latency_p95_s,
-             "errors": sum(result.errors_by_status.values())}
-    log(f"REST c={concurrency:<3} RTFx {point['rtfx']:6.1f}  WER {100 * result.wer:5.2f} %  "
-        f"p50/p95 {result.latency_p50_s:.2f} / {result.latency_p95_s:.2f} s  errors {point['errors']}")
+    result = SystemResult.from_rest(f"c={concurrency}", asyncio.run(run_rest_load(url, rows, concurrency)))
+    point = {"concurrency": concurrency, "rtfx": result.rtfx, "wer": result.wer, "latency_p50_s": result.latency_p50_s,
+             "latency_p95_s": result.latency_p95_s, "errors": result.errors}
+    log(f"REST c={concurrency:<3} RTFx {result.rtfx:6.1f}  WER {100 * result.wer:5.2f} %  "
+        f"p50/p95 {seconds(result.latency_p50_s)} / {seconds(result.latency_p95_s)} s  errors {result.errors}")
     return point
 
 
 def stream_point(url: str, rows: Sequence[EvalRow], streams: int, files_per_stream: int, bound_s: float,
-                 audio: dict[Path, object]) -> Json:
+                 audio: dict[Path, np.ndarray]) -> Json:
     files = [(rows[j % len(rows)].audio, rows[j % len(rows)].text) for j in range(streams * files_per_stream)]
     started = time.monotonic()
     results = asyncio.run(run_streams(StreamClient(stream_url(url)), assign(files, streams), audio, quiet=True))
@@ -64,7 +65,7 @@ def stream_point(url: str, rows: Sequence[EvalRow], streams: int, files_per_stre
              "last_final_p95_s": last_p95, "first_partial_p50_s": summary["first_partial_p50_s"],
              "frames_behind": summary["frames_behind"], "failed_sessions": summary["failed_sessions"],
              "error_events": summary["error_events"]}
-    log(f"streams {streams:<4} last final p50/p95 {point['last_final_p50_s'] or 0:.2f} / {last_p95 or 0:.2f} s  "
+    log(f"streams {streams:<4} last final p50/p95 {seconds(point['last_final_p50_s'])} / {seconds(last_p95)} s  "
         f"WER {100 * (summary['wer'] or 0):5.2f} %  behind {summary['frames_behind']}  failed {summary['failed_sessions']}  "
         f"{'held' if held else 'NOT held'}")
     return point
@@ -76,7 +77,7 @@ def format_table(run: Json) -> str:
               for p in run["rest"]]
     lines += ["", f"real-time streams ({run['files_per_stream']} files each; held: last final p95 <= {run['final_bound_s']:g} s)",
               f"{'streams':>9} {'last p50':>8} {'last p95':>8} {'WER %':>6} {'behind':>6} {'held':>5}"]
-    lines += [f"{p['streams']:>9} {p['last_final_p50_s'] or 0:>8.2f} {p['last_final_p95_s'] or 0:>8.2f} {100 * (p['wer'] or 0):>6.2f} "
+    lines += [f"{p['streams']:>9} {seconds(p['last_final_p50_s']):>8} {seconds(p['last_final_p95_s']):>8} {100 * (p['wer'] or 0):>6.2f} "
               f"{p['frames_behind']:>6} {'yes' if p['held'] else 'no':>5}" for p in run["streams"]]
     lines.append(f"most real-time streams held: {run['most_streams_held']}")
     return "\n".join(lines)
@@ -141,4 +142,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -218,26 +218,30 @@ class DynamicBatchScheduler(Generic[T]):
         batch: list[T] = []
         queues = [q for p, q in self._queues.items() if p <= lowest]
         while len(batch) < limit and any(queues):
-            if lowest is Priority.BULK:
-                self._bulk_credit = min(1.0, self._bulk_credit + self.policy.bulk_share)
-                if self._queues[Priority.BULK] and self._bulk_credit >= 1.0:
-                    self._bulk_credit -= 1.0
-                    batch.append(self._queues[Priority.BULK].popleft().item)
-                    continue
-            batch.append(next(q for q in queues if q).popleft().item)
+            if self._bulk_goes_first(lowest):
+                batch.append(self._queues[Priority.BULK].popleft().item)
+            else:
+                batch.append(next(q for q in queues if q).popleft().item)
         if batch:
             self.changed.notify()  # room for whoever waits in put()
         return batch
 
+    def _bulk_goes_first(self, lowest: Priority) -> bool:
+        """Whether the next item (a packed batch: the next pass) goes to bulk work ahead of interim steps. Each
+        one taken while no final waits earns ``bulk_share`` of credit; a whole credit is spent when bulk work
+        may be taken and some waits."""
+        if lowest is Priority.FINAL:
+            return False
+        self._bulk_credit = min(1.0, self._bulk_credit + self.policy.bulk_share)
+        if lowest is Priority.BULK and self._queues[Priority.BULK] and self._bulk_credit >= 1.0:
+            self._bulk_credit -= 1.0
+            return True
+        return False
+
     def _take_packed(self, lowest: Priority) -> list[T]:
         """Each waiting item that still fits the batch, at ``lowest`` priority or more urgent, in the order
         :meth:`_take` would give them (bulk ahead of interim steps when it has earned its share)."""
-        order = [p for p in Priority if p <= lowest]
-        if lowest is Priority.BULK and self._queues[Priority.BULK]:
-            self._bulk_credit = min(1.0, self._bulk_credit + self.policy.bulk_share)
-            if self._bulk_credit >= 1.0:
-                self._bulk_credit -= 1.0
-                order = [Priority.BULK, Priority.REALTIME]
+        order = [Priority.BULK, Priority.REALTIME] if self._bulk_goes_first(lowest) else [p for p in Priority if p <= lowest]
         batch: list[T] = []
         for priority in order:
             queue = self._queues[priority]
