@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from workers.engine import Segment, Transcript, compression_ratio
+from workers.engine import Segment, Transcript, WordTiming, compression_ratio
 
 
 class ResponseFormat(str, Enum):
@@ -32,9 +32,16 @@ def to_vtt(segments: list[Segment]) -> str:
     return "WEBVTT\n\n" + "\n".join(f"{_clock(s.start, '.')} --> {_clock(s.end, '.')}\n{s.text}\n" for s in segments)
 
 
+def word_json(w: WordTiming) -> dict:
+    return {"word": w.word.strip(), "start": w.start, "end": w.end, "probability": w.probability}
+
+
 def segment_json(i: int, s: Segment) -> dict:
-    return {"id": i, "start": s.start, "end": s.end, "text": s.text,
-            "avg_logprob": round(s.avg_logprob, 4), "no_speech_prob": round(s.no_speech_prob, 4)}
+    out = {"id": i, "start": s.start, "end": s.end, "text": s.text,
+           "avg_logprob": round(s.avg_logprob, 4), "no_speech_prob": round(s.no_speech_prob, 4)}
+    if s.words is not None:
+        out["words"] = [word_json(w) for w in s.words]
+    return out
 
 
 def service_json(t: Transcript, model: str, language: str) -> dict:
@@ -42,7 +49,13 @@ def service_json(t: Transcript, model: str, language: str) -> dict:
             "segments": [segment_json(i, s) for i, s in enumerate(t.segments)]}
 
 
-def verbose_json(t: Transcript, language: str) -> dict:
-    return {"task": "transcribe", "language": language, "duration": round(t.duration_s, 3), "text": t.text,
-            "segments": [{**segment_json(i, s), "seek": 0, "tokens": s.tokens, "temperature": 0.0,
-                          "compression_ratio": round(compression_ratio(s.text), 4)} for i, s in enumerate(t.segments)]}
+def verbose_json(t: Transcript, language: str, granularities: set[str]) -> dict:
+    """OpenAI's verbose_json: ``segments`` for the ``segment`` granularity, ``words`` (word, start, end) for ``word``."""
+    out: dict = {"task": "transcribe", "language": language, "duration": round(t.duration_s, 3), "text": t.text}
+    if "segment" in granularities:
+        out["segments"] = [{**{k: v for k, v in segment_json(i, s).items() if k != "words"}, "seek": 0, "tokens": s.tokens,
+                            "temperature": s.temperature, "compression_ratio": round(compression_ratio(s.text), 4)}
+                           for i, s in enumerate(t.segments)]
+    if "word" in granularities:
+        out["words"] = [{"word": w.word.strip(), "start": w.start, "end": w.end} for s in t.segments for w in s.words or []]
+    return out

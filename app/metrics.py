@@ -16,6 +16,7 @@ from workers.engine import EngineSnapshot
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)  # openai-whisper's schedule after 0.0
 
 
 class Metrics:
@@ -113,8 +114,15 @@ class _EngineCollector(Collector):
         passes = CounterMetricFamily("asr_encoder_passes", "Encoder passes run (each one window padded to 30 s, or several packed windows and a 4 s tail).", labels=["model"])
         packed = CounterMetricFamily("asr_encoder_windows", "Windows encoded; per pass (over asr_encoder_passes_total), the encoder's fill.", labels=["model"])
         packed_audio = CounterMetricFamily("asr_encoder_audio_seconds", "Seconds of audio encoded; per pass, the encoder's fill (30 s would be a full pass).", labels=["model"])
+        decoded = CounterMetricFamily("asr_decoder_windows", "Windows decoded (each once, however many temperatures it took).", labels=["model"])
+        fallbacks = CounterMetricFamily("asr_decoder_fallbacks", "Windows decoded again at a higher temperature because their result failed Whisper's quality rules "
+                                        "(ASR_COMPRESSION_RATIO_THRESHOLD, ASR_LOGPROB_THRESHOLD), by that temperature.", labels=["model", "temperature"])
         for model, (snapshot, profile) in self.models.items():
             engine = snapshot()
+            decoded.add_metric([model], engine.windows_decoded)
+            # the usual labels from the start: a panel shows zeros, not "No data"
+            for temperature, count in sorted(({t: 0 for t in FALLBACK_TEMPERATURES} | engine.decode_fallbacks).items()):
+                fallbacks.add_metric([model, f"{temperature:g}"], count)
             for stage in engine.stages:
                 for field, gauge in gauges.items():
                     gauge.add_metric([model, stage.name], getattr(stage, field))
@@ -127,4 +135,4 @@ class _EngineCollector(Collector):
                 utilization.add_metric([model, stage.name], stage.utilization)
                 pressure.add_metric([model, stage.name], stage.pressure)
         yield from gauges.values()
-        yield from (utilization, pressure, wait, in_flight, passes, packed, packed_audio)
+        yield from (utilization, pressure, wait, in_flight, passes, packed, packed_audio, decoded, fallbacks)

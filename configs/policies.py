@@ -37,6 +37,20 @@ class GuardsPolicy:
 
 
 @dataclass(frozen=True)
+class DecodingPolicy:
+    """How windows are decoded unless a request says otherwise."""
+
+    beam_size: int = 5
+    patience: float = 1.0
+    length_penalty: float = 1.0
+    best_of: int = 5
+    temperature_increment: float = 0.2  # 0: no fallback
+    seed: int = 0
+    stream_beam_size: int = 1
+    condition_on_previous_text: bool = True
+
+
+@dataclass(frozen=True)
 class StreamPolicy:
     step_s: float = 1.0
     vad_threshold: float = 0.5
@@ -51,6 +65,7 @@ class StreamPolicy:
 class EnginePolicy:
     stages: dict[str, StagePolicy]
     guards: GuardsPolicy
+    search: DecodingPolicy
     stream: StreamPolicy
     max_new_tokens: int
     silence_threshold_dbfs: float
@@ -107,6 +122,8 @@ def resolve_engine_policy(settings: Settings, on_gpu: bool) -> EnginePolicy:
     return EnginePolicy(
         stages=stages,
         guards=GuardsPolicy(s.no_speech_threshold, s.logprob_threshold, s.compression_ratio_threshold),
+        search=DecodingPolicy(s.beam_size, s.patience, s.length_penalty, s.best_of, s.temperature_increment_on_fallback, s.sampling_seed,
+                            s.stream_beam_size, s.condition_on_previous_text),
         stream=StreamPolicy(step_s=s.stream_step_s, vad_threshold=s.stream_vad_threshold, max_utterance_s=s.stream_max_utterance_s,
                             min_speech_s=s.stream_min_speech_ms / 1000, prompt_previous_text=s.stream_prompt_previous_text,
                             prompt_words=s.stream_prompt_words),

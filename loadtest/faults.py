@@ -7,11 +7,11 @@ question this tool exists to ask: was every caller answered, and did the server 
 - Fault points (each call raises with probability `--fault-rate` once the server is ready; half of the
   faults are `torch.OutOfMemoryError`, half `RuntimeError`, see `--oom-share`):
   inside a batch's compute (the batch fails, or an out-of-memory batch is split and retried):
-  `ModelRunner.features`, `ModelRunner.encode`, `GreedyDecoder.add`, `GreedyDecoder.step`,
+  `ModelRunner.features`, `ModelRunner.encode`, `BatchDecoder.add`, `BatchDecoder.step`,
   `PostProcessor.window_result`; outside it (the worker fails what it held and restarts):
-  `GreedyDecoder.__init__` (a worker making a new decoder), `Stage._hand_on`, and the metrics observer's
+  `BatchDecoder.__init__` (a worker making a new decoder), `Stage._hand_on`, and the metrics observer's
   `StageMetrics.batch_done` / `StageMetrics.window_done`. Calls made once per decoded token
-  (`GreedyDecoder.step`, and the decoder's `batch_done`) fault at `--fault-rate / --token-divisor`,
+  (`BatchDecoder.step`, and the decoder's `batch_done`) fault at `--fault-rate / --token-divisor`,
   so that every point fails about the same share of the windows through it; `--token-divisor 1` makes
   every call fault at `--fault-rate`.
 - `--rest-clients` closed-loop clients POST /v1/transcribe with the eval rows of up to `--max-row-s`
@@ -84,7 +84,7 @@ from loadtest.harness import write_json as harness_write_json
 from loadtest.rest import non_negative_int, positive_float, positive_int
 from loadtest.plotting import new_figure, save_figure
 from loadtest.stream import LiveStream, decode_file, open_stream, refusal_text
-from workers.decoding import GreedyDecoder
+from workers.decoding import BatchDecoder
 from workers.postprocess import PostProcessor
 from workers.runner import ModelRunner
 from workers.stages import Stage
@@ -122,9 +122,9 @@ def _stage_argument(args: tuple) -> str:
 FAULT_POINTS: tuple[FaultPoint, ...] = (
     FaultPoint("ModelRunner.features", ModelRunner, "features", False),
     FaultPoint("ModelRunner.encode", ModelRunner, "encode", False),
-    FaultPoint("GreedyDecoder.__init__", GreedyDecoder, "__init__", True),
-    FaultPoint("GreedyDecoder.add", GreedyDecoder, "add", False),
-    FaultPoint("GreedyDecoder.step", GreedyDecoder, "step", False, lambda args: True),
+    FaultPoint("BatchDecoder.__init__", BatchDecoder, "__init__", True),
+    FaultPoint("BatchDecoder.add", BatchDecoder, "add", False),
+    FaultPoint("BatchDecoder.step", BatchDecoder, "step", False, lambda args: True),
     FaultPoint("PostProcessor.window_result", PostProcessor, "window_result", False),
     FaultPoint("Stage._hand_on", Stage, "_hand_on", True, where=_stage_of_self),
     # StageMetrics.batch_done(self, stage, size, busy_s): the decoder reports a batch per token step
@@ -1171,7 +1171,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--settle-s", type=positive_float, default=30.0, help="longest wait for the server to come to rest after the load (default: %(default)s)")
     parser.add_argument("--oom-share", type=float, default=0.5, help="share of the faults that are torch.OutOfMemoryError (default: %(default)s)")
     parser.add_argument("--token-divisor", type=float, default=40.0,
-                        help="per-token calls (GreedyDecoder.step, the decoder's batch_done) fault at fault-rate / this; 1: every call at fault-rate (default: %(default)s)")
+                        help="per-token calls (BatchDecoder.step, the decoder's batch_done) fault at fault-rate / this; 1: every call at fault-rate (default: %(default)s)")
     parser.add_argument("--max-row-s", type=positive_float, default=12.0, help="longest eval row used (default: %(default)s)")
     parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST, help="eval manifest.jsonl (default: %(default)s)")
     parser.add_argument("--set", dest="source_set", default=DEFAULT_SET, help="source_set of the rows (default: %(default)s)")

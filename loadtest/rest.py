@@ -113,16 +113,17 @@ def _error_text(response: httpx.Response) -> str:
         return response.text[:200] or response.reason_phrase
 
 
-async def transcribe_one(client: httpx.AsyncClient, url: str, index: int, row: EvalRow) -> RequestRecord:
-    """Send one file; every failure becomes a record rather than an exception, so one bad request
-    cannot end the run. Latency covers the HTTP exchange only, not reading the file from disk."""
+async def transcribe_one(client: httpx.AsyncClient, url: str, index: int, row: EvalRow, params: dict | None = None) -> RequestRecord:
+    """Send one file (with query ``params``: beam_size, temperature, ...); every failure becomes a record
+    rather than an exception, so one bad request cannot end the run. Latency covers the HTTP exchange only,
+    not reading the file from disk."""
     data = await asyncio.to_thread(row.audio.read_bytes)
     mime = mimetypes.guess_type(row.audio.name)[0] or "application/octet-stream"
     status: int | None = None
     hypothesis, error = "", None
     start = time.perf_counter()
     try:
-        response = await client.post(f"{url}/v1/transcribe", files={"file": (row.audio.name, data, mime)})
+        response = await client.post(f"{url}/v1/transcribe", files={"file": (row.audio.name, data, mime)}, params=params)
         status = response.status_code
         if status == 200:
             hypothesis = response.json()["text"]
@@ -144,13 +145,15 @@ async def run_rest_load(
     *,
     progress: ProgressFn | None = None,
     transport: httpx.AsyncBaseTransport | None = None,
+    params: dict | None = None,
 ) -> RestLoadResult:
     """Transcribe `rows` through `POST {url}/v1/transcribe`, keeping `concurrency` requests in flight.
 
     `concurrency` workers pull from one queue, so a new request starts as soon as one finishes and the
     server sees a steady load. Requests are not retried (not even on 429/503 with Retry-After): a
     rejection is what the server does under this load, and it shows in `errors_by_status`.
-    `progress` is called after each request; `transport` lets tests substitute a mock server.
+    `progress` is called after each request; `transport` lets tests substitute a mock server; `params` go
+    with every request (the decoding options of /v1/transcribe).
     """
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -163,7 +166,7 @@ async def run_rest_load(
     async def worker(client: httpx.AsyncClient) -> None:
         while not queue.empty():
             index, row = queue.get_nowait()
-            record = await transcribe_one(client, url, index, row)
+            record = await transcribe_one(client, url, index, row, params)
             records.append(record)
             if progress is not None:
                 progress(len(records), len(rows), record)

@@ -43,7 +43,7 @@ class Snapshots:
         self.stages = stages
 
     def __call__(self) -> EngineSnapshot:
-        return EngineSnapshot(tuple(s.snapshot() for s in self.stages), 0, 1.0, 0, 0, 0, 0.0)
+        return EngineSnapshot(tuple(s.snapshot() for s in self.stages), 0, 1.0, 0, 0, 0, 0.0, 0, {})
 
 
 def new_job() -> Job:

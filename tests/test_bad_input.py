@@ -54,10 +54,12 @@ def test_unknown_response_format(client: httpx.Client) -> None:
 
 @pytest.mark.parametrize(("data", "status", "code"), [
     ({"model": "large-v9"}, 404, "model_not_found"),
-    ({"temperature": "0.5"}, 400, "unsupported_temperature"),
     ({"temperature": "7"}, 422, "invalid_request"),
+    ({"temperature": "-0.1"}, 422, "invalid_request"),
+    ({"beam_size": "0"}, 422, "invalid_request"),
+    ({"beam_size": "17"}, 422, "invalid_request"),
     ({"language": "fr"}, 400, "unsupported_language"),
-    ({"timestamp_granularities[]": "word"}, 400, "unsupported_granularity"),
+    ({"timestamp_granularities[]": "character"}, 400, "unsupported_granularity"),
 ])
 def test_unsupported_options(client: httpx.Client, data: dict, status: int, code: str) -> None:
     assert error_code(client.post("/v1/audio/transcriptions", files={"file": JFK.open("rb")}, data=data), status) == code

@@ -22,7 +22,7 @@ from configs import Settings
 from loadtest.evalset import normalize
 from loadtest.faults import in_process_server
 from tests.conftest import JFK, JFK_TEXT, Quiet, free_port, wav_bytes
-from workers.decoding import INITIAL_CACHE, DecodingOptions, GreedyDecoder
+from workers.decoding import INITIAL_CACHE, DecodingOptions, BatchDecoder
 from workers.jobs import Job, WindowOptions
 from workers.packing import EncodedWindow, PassInput
 from workers.runner import ModelRunner, embedded_model_path
@@ -179,15 +179,15 @@ def text_of(runner: ModelRunner, row) -> str:
 
 
 def test_the_decoder_restarts_its_rows_in_smaller_batches_after_out_of_memory(runner, encoded_jfk, monkeypatch) -> None:
-    step, running_at_fault = GreedyDecoder.step, []
+    step, running_at_fault = BatchDecoder.step, []
 
-    def step_that_runs_out_of_memory_once(decoder: GreedyDecoder):
+    def step_that_runs_out_of_memory_once(decoder: BatchDecoder):
         if decoder.running > 2 and not running_at_fault:
             running_at_fault.append(decoder.running)
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return step(decoder)
 
-    monkeypatch.setattr(GreedyDecoder, "step", step_that_runs_out_of_memory_once)
+    monkeypatch.setattr(BatchDecoder, "step", step_that_runs_out_of_memory_once)
 
     async def main() -> list[str]:
         stage = DecoderStage("gpu", BatchPolicy(8, 1000, 100), 1, 1, runner.new_decoder, Quiet())
@@ -205,13 +205,13 @@ def test_the_decoder_restarts_its_rows_in_smaller_batches_after_out_of_memory(ru
 
 def test_an_abandoned_row_leaves_the_running_batch_within_a_token(runner, encoded_jfk, monkeypatch) -> None:
     steps: list[int] = []  # rows in the batch at each step
-    step = GreedyDecoder.step
+    step = BatchDecoder.step
 
-    def counting_step(decoder: GreedyDecoder):
+    def counting_step(decoder: BatchDecoder):
         steps.append(decoder.running)
         return step(decoder)
 
-    monkeypatch.setattr(GreedyDecoder, "step", counting_step)
+    monkeypatch.setattr(BatchDecoder, "step", counting_step)
 
     async def main():
         observer = Counting()

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from app.audio import decode_audio
-from loadtest.evalset import DEFAULT_MANIFEST, load_rows, word_error_rate
+from loadtest.evalset import DEFAULT_MANIFEST, load_rows, normalize, word_error_rate
 from loadtest.stream import LiveStream, StreamClient, StreamRecord, open_stream
 from tests.conftest import JFK, JFK_TEXT, Server
 
@@ -276,3 +276,18 @@ def test_long_speech_without_pauses_is_cut_before_30_s(server: Server) -> None:
     assert all(f["end"] - f["start"] <= 25.0 + 0.01 for f in finals)
     assert all(a["end"] <= b["start"] + 0.01 for a, b in zip(finals, finals[1:]))  # cut, not overlapped
     assert word_error_rate([row.text], [record.hypothesis]) <= 0.35, record.hypothesis
+
+
+def test_finals_carry_word_timestamps_when_asked(server: Server, jfk: np.ndarray) -> None:
+    client = StreamClient(ws_url(server), speed=0, start_options={"word_timestamps": True, "interim_results": False})
+    record = run(client.run_file(jfk))
+    started = [e.data for e in record.events if e.type == "started"]
+    assert started and started[0]["word_timestamps"] is True
+    words = [w for final in record.finals for w in final.data["words"]]
+    assert [normalize(w["word"]) for w in words if normalize(w["word"])] == normalize(record.hypothesis).split()
+    for final in record.finals:  # in seconds of the stream, inside their final, in order
+        for w in final.data["words"]:
+            assert final.data["start"] - 0.01 <= w["start"] <= w["end"] <= final.data["end"] + 0.01
+    assert all(a["start"] <= b["start"] for a, b in zip(words, words[1:]))
+    plain = run(StreamClient(ws_url(server), speed=0, start_options={"interim_results": False}).run_file(jfk))
+    assert plain.finals and all("words" not in final.data for final in plain.finals)

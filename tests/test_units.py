@@ -10,7 +10,7 @@ import pytest
 
 from workers.decoding import DecodeRow
 from workers.features import SAMPLE_RATE
-from workers.pipeline import plan_windows
+from workers.pipeline import WindowRate, plan_windows
 from configs.policies import GuardsPolicy
 from workers.postprocess import PostProcessor, collapse_repeats
 from workers.runner import embedded_model_path
@@ -75,3 +75,13 @@ def test_embedded_weights_map_onto_whisper() -> None:
     assert (model.dims.n_audio_layer, model.dims.n_text_state, model.dims.n_vocab) == (4, 384, 51864)
     assert math.isclose(float(model.encoder.positional_embedding[0, 192]), 1.0, abs_tol=1e-3)  # [sin | cos] at 0
     assert len(config["suppress_ids"]) > 50
+
+
+def test_the_window_rate_s_warm_up_guess_gives_way_to_the_first_windows_served() -> None:
+    rate = WindowRate(5.0)  # a warm-up slowed by a neighbour: 5 s a window
+    assert rate.seconds_per_window == 5.0
+    for _ in range(8):
+        rate.started()
+    for _ in range(8):
+        rate.finished(True)  # the first 8 windows served take no time at all
+    assert rate.seconds_per_window < 0.01 and rate.in_flight == 0

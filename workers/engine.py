@@ -20,23 +20,26 @@ import numpy as np
 
 from configs.policies import EnginePolicy, available_cpus, resolve_engine_policy
 from configs.settings import EMBEDDED, Settings
-from workers.decoding import DecodingOptions
+from workers.decoding import DecodingOptions, SearchOptions, compression_ratio, temperature_schedule
 from workers.features import SAMPLE_RATE
 from workers.jobs import Segment, WindowOptions
 from workers.pipeline import Overloaded, Pipeline, Transcript
-from workers.postprocess import compression_ratio
 from workers.runner import ModelRunner, WarmupReport, choose_device, embedded_model_path
 from workers.scheduler import Priority, Signal
 from workers.stages import ObserverGroup, StageError, StageObserver, StageSnapshot, StageStopped
+from workers.timing import WordTiming
 from workers.streaming import Event, Final, Partial, StreamError, StreamOptions, StreamSession, StreamEngine
 
 __all__ = [
-    "SAMPLE_RATE", "compression_ratio", "Engine", "EngineInfo", "EngineSnapshot", "Event", "Final", "OptionError", "Overloaded", "Partial", "Priority",
+    "MAX_BEAM_SIZE", "SAMPLE_RATE", "compression_ratio", "Engine", "EngineInfo", "EngineSnapshot", "Event", "Final", "OptionError", "Overloaded", "Partial", "Priority",
     "Segment", "StageError", "StageObserver", "StageSnapshot", "StageStopped", "StreamError", "StreamOptions",
-    "StreamSession", "Transcript", "WindowOptions", "load_engine",
+    "StreamSession", "Transcript", "WindowOptions", "WordTiming", "load_engine",
 ]
 
 log = logging.getLogger(__name__)
+
+
+MAX_BEAM_SIZE = 16
 
 
 class OptionError(ValueError):
@@ -64,6 +67,8 @@ class EngineSnapshot:
     encoder_passes: int  # since the start; with the two below, the encoder's fill
     encoder_windows: int
     encoder_audio_s: float
+    windows_decoded: int  # since the start
+    decode_fallbacks: dict[float, int]  # windows decoded again at each fallback temperature, since the start
 
     @property
     def windows_waiting(self) -> int:
@@ -86,6 +91,7 @@ class Engine:
     def __init__(self, name: str, runner: ModelRunner, policy: EnginePolicy, warmup: WarmupReport, streams: StreamEngine,
                  pipeline: Pipeline, observers: ObserverGroup):
         self.name = name
+        self._policy = policy
         self._runner, self._pipeline, self._streams, self._observers = runner, pipeline, streams, observers
         self._info = EngineInfo(name, runner.device.type, str(runner.dtype).removeprefix("torch."), runner.tokenizer.multilingual,
                                 tuple(runner.tokenizer.languages), asdict(runner.model.dims), warmup.encoder_s, warmup.decoder_s)
@@ -94,20 +100,31 @@ class Engine:
         pipeline.rate.on_finished = self._idle.notify
 
     # what a request may ask
-    def options(self, language: str | None, prompt: str | None, tenant: str = "", prefix: str | None = None) -> WindowOptions:
+    def options(self, language: str | None, prompt: str | None, tenant: str = "", prefix: str | None = None,
+                beam_size: int | None = None, temperature: float = 0.0, condition_on_previous_text: bool | None = None,
+                word_timestamps: bool = False) -> WindowOptions:
         """Normalise a request's language and prompt; raises :class:`OptionError` for a language the model
         does not have. What comes out cannot fail inside a shared batch. ``prefix``: text the transcript of its
-        first window must begin with (a stream's committed words), so that only the rest is decoded."""
+        first window must begin with (a stream's committed words), so that only the rest is decoded.
+        ``beam_size`` (unset: ASR_BEAM_SIZE), ``temperature`` (the first of its fallback schedule) and
+        ``condition_on_previous_text`` (unset: ASR_CONDITION_ON_PREVIOUS_TEXT), ``word_timestamps``."""
+        search = self._policy.search
+        if beam_size is not None and not 1 <= beam_size <= MAX_BEAM_SIZE:
+            raise OptionError(f"beam_size must be between 1 and {MAX_BEAM_SIZE}, not {beam_size}")
+        if not 0.0 <= temperature <= 1.0:
+            raise OptionError(f"temperature must be between 0 and 1, not {temperature}")
         code = (language or "en").strip().lower()
         if code not in self._info.languages:
             raise OptionError(f"the model {self.name} does not transcribe language {language!r}"
                               + ("" if self._info.multilingual else " (it is English-only: 'en')"))
         tokens = self._runner.tokenizer.encode(" " + prompt.strip()) if prompt and prompt.strip() else []
         forced = self._runner.forced_prefix(prefix)
-        return WindowOptions(language=code, prompt=self._runner.prompt(tokens, code), forced=forced, tenant=tenant)
-
-    def stream_options(self, language: str | None, interim_results: bool, endpoint_silence_s: float) -> StreamOptions:
-        return StreamOptions(self.options(language, None).language, interim_results, endpoint_silence_s)
+        chained = search.condition_on_previous_text if condition_on_previous_text is None else condition_on_previous_text
+        return WindowOptions(language=code, prompt=self._runner.prompt(tokens, code), forced=forced, tenant=tenant,
+                             search=SearchOptions(beam_size or search.beam_size, search.patience, search.length_penalty,
+                                                  temperature_schedule(temperature, search.temperature_increment), search.best_of,
+                                                  search.seed),
+                             context=tuple(tokens), condition_on_previous_text=chained, word_timestamps=word_timestamps)
 
     # work
     async def transcribe(self, audio: np.ndarray, options: WindowOptions, priority: Priority = Priority.BULK) -> Transcript:
@@ -126,7 +143,8 @@ class Engine:
         rate = self._pipeline.rate
         fill = self._pipeline.fill
         return EngineSnapshot(tuple(stage.snapshot() for stage in self._pipeline.stages), rate.in_flight,
-                              rate.seconds_per_window, len(self._streams.sessions), fill.passes, fill.windows, fill.audio_s)
+                              rate.seconds_per_window, len(self._streams.sessions), fill.passes, fill.windows, fill.audio_s,
+                              self._pipeline.decoded.windows, dict(self._pipeline.decoded.fallbacks))
 
     def watch(self, observer: StageObserver) -> None:
         """Another observer of the stages (the profiler)."""
@@ -164,15 +182,19 @@ def load_engine(name: str, model_path: Path | str, settings: Settings, observer:
     if threads != torch.get_num_threads():  # torch counts the host's cores, not the container's quota
         torch.set_num_threads(threads)
     model_dir = embedded_model_path() if model_path == EMBEDDED else Path(model_path)
-    runner = ModelRunner(model_dir, choose_device(settings.device), DecodingOptions(sample_len=settings.max_new_tokens))
+    options = DecodingOptions(sample_len=settings.max_new_tokens, compression_ratio_threshold=settings.compression_ratio_threshold,
+                              logprob_threshold=settings.logprob_threshold, no_speech_threshold=settings.no_speech_threshold)
+    runner = ModelRunner(model_dir, choose_device(settings.device), options)
     policy = resolve_engine_policy(settings, on_gpu=runner.device.type == "cuda")
     warmup = runner.warm_up()
     observers = ObserverGroup(observer)
     pipeline = Pipeline(runner, policy, observers, seconds_per_window=warmup.encoder_s + warmup.decoder_s)
     engine: Engine | None = None
 
-    def window_options(language: str | None, prompt: str | None, tenant: str, prefix: str | None) -> WindowOptions:
-        return engine.options(language, prompt, tenant, prefix)
+    def window_options(stream: StreamOptions, prompt: str | None, prefix: str | None) -> WindowOptions:
+        # a stream's context is its earlier finals (its prompt), and an utterance is one window
+        return engine.options(stream.language, prompt, stream.tenant, prefix, beam_size=policy.search.stream_beam_size,
+                              condition_on_previous_text=False, word_timestamps=stream.word_timestamps)
 
     streams = StreamEngine(pipeline, policy.stream, window_options)
     engine = Engine(name, runner, policy, warmup, streams, pipeline, observers)

@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from workers.decoding import SearchOptions
 from workers.features import SAMPLE_RATE
+from workers.timing import WordTiming
 from workers.scheduler import Priority
 
 _ids = itertools.count()
@@ -31,6 +33,8 @@ class Segment:
     tokens: list[int]
     avg_logprob: float
     no_speech_prob: float
+    temperature: float = 0.0  # the last its window was decoded at (above 0 after a fallback)
+    words: list[WordTiming] | None = None  # when the request asked for word timestamps
 
 
 @dataclass
@@ -39,6 +43,7 @@ class WindowResult:
     # seconds of the window the transcript accounts for; less than its length when the decoder
     # stopped at a segment boundary before the end, and the rest must be decoded again
     covered_s: float
+    temperature: float = 0.0  # the last its decoder tried: a high one ends the file's context (see Pipeline.transcribe)
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,10 @@ class WindowOptions:
     prompt: tuple[int, ...]  # the decoder's whole prompt: previous text (cut to fit), then the start-of-transcript sequence
     forced: tuple[int, ...] = ()  # the transcript's first tokens, fed rather than sampled (see Engine.options)
     tenant: str = ""  # whose API key sent it: with ASR_ENCODER_PACKING=per_key, only one tenant's windows share an encoder pass
+    search: SearchOptions = SearchOptions()  # greedy or beam, and the temperatures to fall back to
+    context: tuple[int, ...] = ()  # the text tokens the first window is conditioned on (the request's prompt)
+    condition_on_previous_text: bool = False  # each later window of a file on the text before it (the decoder waits for it)
+    word_timestamps: bool = False  # each segment's words with their start and end
 
 
 @dataclass(eq=False)  # a job is itself, not its contents (its audio is an array)
@@ -65,6 +74,7 @@ class Job:
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     times: dict[str, StageTimes] = field(default_factory=dict)
     data: Any = None
+    held: bool = False  # its prompt waits for the previous window's text: the decoder stage parks it until it is released
 
     @property
     def duration_s(self) -> float:

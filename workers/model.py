@@ -1,8 +1,9 @@
 """Whisper in plain torch: the encoder is the acoustic stage, the decoder the language-model stage.
 
-The decoder works on a :class:`DecoderCache`: per-row self-attention keys/values that grow one token at
-a time, and cross-attention keys/values computed once per request from its encoder output. Rows carry
-their own positions, so a running batch can take in new rows between tokens and drop finished ones.
+The decoder works on a :class:`DecoderCache`: per-hypothesis self-attention keys/values that grow one token
+at a time, and cross-attention keys/values computed once per window from its encoder output and shared by all
+of that window's hypotheses (its beams). Rows carry their own positions, so a running batch can take in new
+rows between tokens and drop finished ones.
 """
 
 from __future__ import annotations
@@ -83,11 +84,23 @@ class CrossAttention(nn.Module):
         k, v = self.kv(audio).chunk(2, dim=-1)
         return _heads(k, self.n_head).transpose(-1, -2).contiguous(), _heads(v, self.n_head).contiguous()
 
-    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor], groups: AudioGroups | None = None,
+                scores: list[Tensor] | None = None) -> Tensor:
+        """x [R, T, D] against keys/values [A, ...]: row i attends to audio i, or, with ``groups`` (one token
+        per row), each audio's rows form one query sequence against that audio's keys: beams share them.
+        ``scores``, if given, receives the attention logits [R, H, T, frames] (word timestamps align on them)."""
         keys_t, values = kv
-        q = _heads(self.q(x), self.n_head)
-        weights = torch.softmax((q * q.shape[-1] ** -0.5) @ keys_t, dim=-1)
-        return self.out(_merge(weights @ values))
+        q = _heads(self.q(x), self.n_head)  # [R, H, T, D/H]
+        if groups is not None:
+            q = q[:, :, 0][groups.rows].transpose(1, 2)  # [A, H, n, D/H]
+        logits = (q * q.shape[-1] ** -0.5) @ keys_t
+        if scores is not None:
+            scores.append(logits)
+        weights = torch.softmax(logits, dim=-1)
+        out = weights @ values
+        if groups is not None:
+            out = out.transpose(1, 2).flatten(0, 1)[groups.at][:, :, None]  # back to [R, H, 1, D/H]
+        return self.out(_merge(out))
 
 
 def _mlp(n_state: int) -> nn.Sequential:
@@ -113,9 +126,9 @@ class DecoderBlock(nn.Module):
         self.mlp, self.mlp_ln = _mlp(n_state), LayerNorm(n_state)
 
     def forward(self, x: Tensor, cache: tuple[Tensor, Tensor], cross_kv: tuple[Tensor, Tensor],
-                positions: Tensor, mask: Tensor) -> Tensor:
+                positions: Tensor, mask: Tensor, groups: AudioGroups | None = None, scores: list[Tensor] | None = None) -> Tensor:
         x = x + self.attn(self.attn_ln(x), cache, positions, mask)
-        x = x + self.cross_attn(self.cross_attn_ln(x), cross_kv)
+        x = x + self.cross_attn(self.cross_attn_ln(x), cross_kv, groups, scores)
         return x + self.mlp(self.mlp_ln(x))
 
 
@@ -149,69 +162,93 @@ class AudioEncoder(nn.Module):
         return F.gelu(self.conv2(F.gelu(self.conv1(mel)))).transpose(1, 2)
 
 
-class DecoderCache:
-    """The running decode batch's memory, in row slots: live rows fill slots ``0..live-1``.
+@dataclass(frozen=True)
+class AudioGroups:
+    """Which rows (hypothesis slots) attend to which audio slot, when that is not row i to audio i: audio ``a``'s
+    rows are ``rows[a, :count]`` (the rest repeat one of them and are ignored), and row ``r`` reads its output
+    at ``at[r]`` of the flattened [A * n] result."""
 
-    Per layer: self-attention keys/values [R, L, D] that grow one token at a time, and the
-    cross-attention keys [R, H, D/H, 1500] and values [R, H, 1500, D/H] of each row's audio, computed once when it joins.
-    A finished row is replaced by the last live row (one row copied), so joining and leaving never
-    copy the whole batch.
+    rows: Tensor  # [A, n]
+    at: Tensor  # [R]
+
+
+class DecoderCache:
+    """The running decode batch's memory, in slots.
+
+    Hypothesis slots (live ones fill ``0..live-1``), per layer: self-attention keys/values [R, L, D] that grow
+    one token at a time. Audio slots (live ones fill ``0..audio-1``), per layer: the cross-attention keys
+    [A, H, D/H, 1500] and values [A, H, 1500, D/H] of each window's encoder output, computed once when it joins
+    and shared by all of its hypotheses. A freed slot is filled with the last live one (one slot copied), so
+    joining and leaving never copy the whole batch.
     """
 
-    def __init__(self, decoder: TextDecoder, rows: int, length: int, audio_ctx: int):
+    def __init__(self, decoder: TextDecoder, rows: int, length: int, audio_rows: int, audio_ctx: int):
         weight = decoder.token_embedding.weight
         d, n_head, n_layer = weight.shape[1], decoder.blocks[0].attn.n_head, len(decoder.blocks)
         new = lambda *shape: weight.new_zeros(shape)  # noqa: E731
         self.keys = [new(rows, length, d) for _ in range(n_layer)]
         self.values = [new(rows, length, d) for _ in range(n_layer)]
-        self.cross = [(new(rows, n_head, d // n_head, audio_ctx), new(rows, n_head, audio_ctx, d // n_head))
+        self.cross = [(new(audio_rows, n_head, d // n_head, audio_ctx), new(audio_rows, n_head, audio_ctx, d // n_head))
                       for _ in range(n_layer)]
         self.lengths = torch.zeros(rows, dtype=torch.long, device=weight.device)
 
     @property
-    def capacity(self) -> tuple[int, int]:
-        return self.keys[0].shape[0], self.keys[0].shape[1]
+    def capacity(self) -> tuple[int, int, int]:
+        """Hypothesis slots, positions, audio slots."""
+        return self.keys[0].shape[0], self.keys[0].shape[1], self.cross[0][0].shape[0]
 
-    def reserve(self, rows: int, length: int) -> None:
-        """Grow (doubling) so that ``rows`` slots of ``length`` positions fit."""
-        have_rows, have_length = self.capacity
-        if rows <= have_rows and length <= have_length:
-            return
-        rows, length = max(rows, have_rows), max(length, have_length)
-        if rows > have_rows:
-            rows = max(rows, 2 * have_rows)
-        if length > have_length:
-            length = max(length, 2 * have_length)
-        grow = lambda t, *dims: F.pad(t, dims)  # noqa: E731
-        self.keys = [grow(k, 0, 0, 0, length - have_length, 0, rows - have_rows) for k in self.keys]
-        self.values = [grow(v, 0, 0, 0, length - have_length, 0, rows - have_rows) for v in self.values]
-        self.cross = [(grow(k, 0, 0, 0, 0, 0, 0, 0, rows - have_rows), grow(v, 0, 0, 0, 0, 0, 0, 0, rows - have_rows))
-                      for k, v in self.cross]
-        self.lengths = F.pad(self.lengths, (0, rows - have_rows))
+    def reserve(self, rows: int, length: int, audio_rows: int) -> None:
+        """Grow (doubling) so that ``rows`` hypothesis slots of ``length`` positions and ``audio_rows`` audio slots fit."""
+        have_rows, have_length, have_audio = self.capacity
+        grown = lambda want, have: have if want <= have else max(want, 2 * have)  # noqa: E731
+        rows, length, audio_rows = grown(rows, have_rows), grown(length, have_length), grown(audio_rows, have_audio)
+        if (rows, length) != (have_rows, have_length):
+            pad = (0, 0, 0, length - have_length, 0, rows - have_rows)
+            self.keys = [F.pad(k, pad) for k in self.keys]
+            self.values = [F.pad(v, pad) for v in self.values]
+            self.lengths = F.pad(self.lengths, (0, rows - have_rows))
+        if audio_rows != have_audio:
+            pad = (0, 0, 0, 0, 0, 0, 0, audio_rows - have_audio)
+            self.cross = [(F.pad(k, pad), F.pad(v, pad)) for k, v in self.cross]
 
     def move(self, src: int, dst: int) -> None:
-        for tensors in (self.keys, self.values, *self.cross):
+        """Hypothesis slot ``src`` into ``dst``."""
+        self.copy([src], [dst])
+
+    def copy(self, src: list[int], dst: list[int]) -> None:
+        """Hypothesis slots ``src`` into ``dst`` (a beam that continues another's text takes its keys and values)."""
+        for tensors in (self.keys, self.values):
             for t in tensors:
                 t[dst] = t[src]
         self.lengths[dst] = self.lengths[src]
 
-    def slots(self, start: int, stop: int) -> DecoderState:
+    def move_audio(self, src: int, dst: int) -> None:
+        for pair in self.cross:
+            for t in pair:
+                t[dst] = t[src]
+
+    def state(self, rows: tuple[int, int], audio: tuple[int, int], groups: AudioGroups | None = None) -> DecoderState:
+        """Views of hypothesis slots ``rows`` [start, stop) and audio slots ``audio`` [start, stop)."""
+        (start, stop), (a, b) = rows, audio
         return DecoderState(
             keys=[k[start:stop] for k in self.keys],
             values=[v[start:stop] for v in self.values],
-            cross=[(k[start:stop], v[start:stop]) for k, v in self.cross],
+            cross=[(k[a:b], v[a:b]) for k, v in self.cross],
             lengths=self.lengths[start:stop],
+            groups=groups,
         )
 
 
 @dataclass
 class DecoderState:
-    """Views of some slots of a :class:`DecoderCache`; writes go through to the cache."""
+    """Views of some slots of a :class:`DecoderCache`; writes go through to the cache. Without ``groups``,
+    row i attends to audio i."""
 
     keys: list[Tensor]
     values: list[Tensor]
     cross: list[tuple[Tensor, Tensor]]
     lengths: Tensor
+    groups: AudioGroups | None = None
 
 
 class TextDecoder(nn.Module):
@@ -230,9 +267,10 @@ class TextDecoder(nn.Module):
             keys.copy_(k)
             values.copy_(v)
 
-    def forward(self, tokens: Tensor, counts: Tensor, state: DecoderState) -> Tensor:
+    def forward(self, tokens: Tensor, counts: Tensor, state: DecoderState, scores: list[Tensor] | None = None) -> Tensor:
         """Feed ``tokens`` [B, T] (row i's first ``counts[i]`` are real, the rest padding) after each
-        row's filled positions; returns the final hidden states [B, T, D]."""
+        row's filled positions; returns the final hidden states [B, T, D]. ``scores``, if given, receives each
+        layer's cross-attention logits [B, H, T, frames]."""
         width = tokens.shape[1]
         offsets = torch.arange(width, device=tokens.device)
         positions = (state.lengths[:, None] + offsets).clamp_(max=self.n_ctx - 1)
@@ -243,7 +281,7 @@ class TextDecoder(nn.Module):
 
         x = self.token_embedding(tokens) + self.positional_embedding[positions]
         for i, block in enumerate(self.blocks):
-            x = block(x, (state.keys[i], state.values[i]), state.cross[i], positions, mask)
+            x = block(x, (state.keys[i], state.values[i]), state.cross[i], positions, mask, state.groups, scores)
         state.lengths += counts
         return self.ln(x)
 

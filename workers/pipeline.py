@@ -13,11 +13,12 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from configs.policies import EnginePolicy, StagePolicy
+from workers.decoding import DecodeRow
 from workers.features import CHUNK_SECONDS, SAMPLE_RATE
 from workers.jobs import Job, Segment, WindowOptions
 from workers.packing import FirstFitPacker, PackingMode
@@ -32,6 +33,7 @@ MIN_CUT_S = 20.0  # a long file is cut between 20 and 30 s into each window, at 
 MIN_REDECODE_S = 1.0  # less undecoded audio than this at a window's end is not decoded again
 MIN_WINDOW_S = 0.1  # a window shorter than this holds no word: it is not decoded (Whisper would make one up)
 MAX_REDECODES = 3  # per window, so a decoder that keeps stopping early cannot loop
+PROMPT_RESET_TEMPERATURE = 0.5  # a window decoded above this temperature is no context for the next (faster-whisper)
 
 
 class Overloaded(Exception):
@@ -55,7 +57,12 @@ class WindowRate:
 
     def __init__(self, initial_s: float, samples: int = 32):
         self.in_flight = 0  # windows submitted and not finished, queued or being worked on
-        self._intervals: deque[float] = deque([initial_s], maxlen=samples)
+        # the warm-up's estimate counts as a quarter of the samples, each real sample replacing one of its copies:
+        # windows decoded side by side finish in bursts, and a burst's first interval alone reads as the time of
+        # one window (8 beam-search requests on a cold server were refused, 10.9 s predicted, with a single
+        # copy), while a warm-up slowed by a neighbour must not outlast the first windows served
+        self._prior = max(1, samples // 4)
+        self._intervals: deque[float] = deque([initial_s] * self._prior, maxlen=samples)
         self._last = time.monotonic()
         self.on_finished: Callable[[], None] = lambda: None
 
@@ -69,6 +76,9 @@ class WindowRate:
         self.in_flight -= 1
         if worked:
             now = time.monotonic()
+            if self._prior:
+                self._prior -= 1
+                self._intervals.popleft()
             self._intervals.append(now - self._last)
             self._last = now
         self.on_finished()
@@ -92,6 +102,19 @@ class EncoderFill:
         self.audio_s += audio_s
 
 
+@dataclass
+class DecodeCounts:
+    """What the decoder did, since the start: windows decoded, and windows decoded again at each fallback temperature."""
+
+    windows: int = 0
+    fallbacks: dict[float, int] = field(default_factory=dict)
+
+    def add(self, row: DecodeRow) -> None:
+        self.windows += 1
+        for attempt in row.attempts[1:]:
+            self.fallbacks[attempt.temperature] = self.fallbacks.get(attempt.temperature, 0) + 1
+
+
 def plan_windows(audio: np.ndarray) -> list[tuple[int, int]]:
     """[start, end) sample ranges of at most 30 s covering ``audio``, cut where it is quietest."""
     window, frame = CHUNK_SECONDS * SAMPLE_RATE, SAMPLE_RATE // 10
@@ -111,7 +134,7 @@ def rms_dbfs(audio: np.ndarray) -> float:
 
 
 def build_stages(runner: ModelRunner, post: PostProcessor, policies: dict[str, StagePolicy], packing: PackingMode,
-                 fill: EncoderFill, observer: StageObserver) -> list[Stage]:
+                 fill: EncoderFill, decoded: DecodeCounts, observer: StageObserver) -> list[Stage]:
     """features -> acoustic -> decoder -> post, each with its batching policy, pool bounds and device."""
     model_device = "gpu" if runner.device.type == "cuda" else "cpu"
     packer: FirstFitPacker[Job] = FirstFitPacker(policies["acoustic"].max_batch_size, packing,
@@ -136,7 +159,7 @@ def build_stages(runner: ModelRunner, post: PostProcessor, policies: dict[str, S
     stages = [
         Stage("features", "cpu", batching(f), f.workers, f.max_workers, features, observer),
         Stage("acoustic", model_device, batching(a), a.workers, a.max_workers, acoustic, observer, packer),
-        DecoderStage(model_device, batching(d), d.workers, d.max_workers, runner.new_decoder, observer),
+        DecoderStage(model_device, batching(d), d.workers, d.max_workers, runner.new_decoder, observer, decoded.add),
         Stage("post", "cpu", batching(p), p.workers, p.max_workers, postprocess, observer),
     ]
     for i, stage in enumerate(stages):
@@ -150,13 +173,18 @@ class Pipeline:
         self.runner = runner
         self.rate = WindowRate(seconds_per_window)
         self.fill = EncoderFill()
+        self.decoded = DecodeCounts()
         self.silence_dbfs = policy.silence_threshold_dbfs
         self.stages: list[Stage] = build_stages(runner, PostProcessor(runner.tokenizer, policy.guards), policy.stages,
-                                                PackingMode(policy.encoder_packing), self.fill, observer)
+                                                PackingMode(policy.encoder_packing), self.fill, self.decoded, observer)
 
     @property
     def entry(self) -> Stage:
         return self.stages[0]
+
+    @property
+    def decoder(self) -> DecoderStage:
+        return next(stage for stage in self.stages if isinstance(stage, DecoderStage))
 
     def start(self) -> None:
         for stage in self.stages:
@@ -181,19 +209,33 @@ class Pipeline:
                          submitted: list[Job] | None = None) -> Transcript:
         """Transcribe float32 16 kHz mono ``audio``; raises :class:`Overloaded` when the first queue has
         no room for its windows at its priority. Each window's job is appended to ``submitted`` (so that
-        :meth:`promote` can find them)."""
+        :meth:`promote` can find them).
+
+        With ``options.condition_on_previous_text`` each window's prompt is the text before it (Whisper's
+        long-form context): every window is still submitted at once, so the encoder works on all of them
+        as soon as it can, but the decoder stage parks each one until the window before is done."""
         windows = plan_windows(audio)
         if not self.entry.scheduler.has_room(len(windows), priority):
             raise Overloaded(f"{len(self.entry.scheduler)} windows are waiting; this request needs room for {len(windows)}")
         pending: dict[asyncio.Future, tuple[Job, int, int]] = {}
+        chained = options.condition_on_previous_text
+        context = list(options.context)  # the text tokens the next window is conditioned on
+        held: deque[Job] = deque()  # with context: windows waiting for the text before them, in order
 
-        async def submit(start: int, end: int, redecodes: int, priority: Priority) -> None:
+        def later(prompted: bool) -> WindowOptions:
+            """A window's options after the first: no forced prefix; with context, the text so far as its prompt."""
+            prompt = self.runner.prompt(context, options.language) if chained and prompted else options.prompt
+            return replace(options, forced=(), prompt=prompt)
+
+        async def submit(start: int, end: int, redecodes: int, priority: Priority, hold: bool) -> None:
             # only the first window's transcript begins with the forced prefix
             job = Job(audio=audio[start:end], offset_s=start / SAMPLE_RATE, priority=priority,
-                      options=options if start == 0 else replace(options, forced=()))
+                      options=options if start == 0 else later(not hold), held=hold)
             if submitted is not None:
                 submitted.append(job)
             pending[job.future] = (job, end, redecodes)
+            if hold:
+                held.append(job)
             self.rate.started()
             job.future.add_done_callback(lambda f: self.rate.finished(not f.cancelled() and f.exception() is None))
             await self.entry.put(job)
@@ -203,16 +245,22 @@ class Pipeline:
             for start, end in windows:
                 # Whisper hallucinates on silence and on clicks
                 if end - start >= MIN_WINDOW_S * SAMPLE_RATE and rms_dbfs(audio[start:end]) >= self.silence_dbfs:
-                    await submit(start, end, 0, priority)
+                    await submit(start, end, 0, priority, hold=chained and bool(pending))
             while pending:
                 done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for future in done:
                     job, end, redecodes = pending.pop(future)
                     result = future.result()
                     segments += result.segments
+                    if chained:
+                        context += [token for segment in result.segments for token in segment.tokens]
+                        if result.temperature > PROMPT_RESET_TEMPERATURE:
+                            context.clear()  # a window that took a high temperature is a poor context (faster-whisper)
                     resume = int((job.offset_s + result.covered_s) * SAMPLE_RATE)
                     if (end - resume) / SAMPLE_RATE >= MIN_REDECODE_S and redecodes < MAX_REDECODES:
-                        await submit(resume, end, redecodes + 1, job.priority)  # promoted or not
+                        await submit(resume, end, redecodes + 1, job.priority, hold=False)  # promoted or not
+                    elif held:
+                        await self.decoder.release(held.popleft(), later(True))
         finally:
             for future in pending:
                 future.cancel()  # the caller has gone or a window failed: the rest is dropped, even mid-decode

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import zlib
 from configs.policies import GuardsPolicy
-from workers.decoding import SECONDS_PER_TIMESTAMP, DecodeRow
+from workers.decoding import SECONDS_PER_TIMESTAMP, DecodeRow, compression_ratio
 from workers.jobs import Segment, WindowResult
+from workers.timing import WordTiming, segment_words
 from workers.tokenizer import WhisperTokenizer
-
-
-def compression_ratio(text: str) -> float:
-    data = text.encode("utf-8")
-    return len(data) / len(zlib.compress(data)) if data else 0.0
 
 
 def collapse_repeats(words: list[str], max_repeats: int, longest_phrase: int = 20) -> list[str]:
@@ -43,7 +38,7 @@ class PostProcessor:
         """Split a decoded window at its timestamp tokens into segments, in seconds of the request."""
         guards = self.guards
         if row.no_speech_prob > guards.no_speech_threshold and row.avg_logprob < guards.logprob_threshold:
-            return WindowResult(segments=[], covered_s=duration_s)
+            return WindowResult(segments=[], covered_s=duration_s, temperature=row.temperature)
         begin = self.tokenizer.timestamp_begin
         tokens = row.tokens
         spans: list[tuple[float, float, list[int]]] = []
@@ -63,9 +58,14 @@ class PostProcessor:
         # a window that ends on a closed segment (two timestamps) may have more speech after it
         covered_s = last_time if ends_inside else duration_s
 
+        if row.alignment is None:
+            timed: list[tuple[float, float, list[WordTiming] | None]] = [(a, b, None) for a, b, _ in spans]
+        else:
+            timed = segment_words(spans, row.alignment, self.tokenizer.decode_with_specials, self.tokenizer.eot, 0.0)
+
         segments = []
         loops = compression_ratio(self.tokenizer.decode(tokens)) > guards.compression_ratio_threshold
-        for seg_start, seg_end, seg_tokens in spans:
+        for (_, _, seg_tokens), (seg_start, seg_end, words) in zip(spans, timed):
             text = self.tokenizer.decode(seg_tokens).strip()
             if loops:
                 text = " ".join(collapse_repeats(text.split(), guards.max_repeats))
@@ -74,7 +74,11 @@ class PostProcessor:
             if not text or (loops and segments and text == segments[-1].text):
                 continue
             segments.append(Segment(
-                start=round(offset_s + seg_start, 3), end=round(offset_s + max(seg_end, seg_start), 3),
+                start=round(offset_s + seg_start, 3), end=round(offset_s + min(max(seg_end, seg_start), covered_s), 3),
                 text=text, tokens=seg_tokens, avg_logprob=row.avg_logprob, no_speech_prob=row.no_speech_prob,
+                temperature=row.temperature,
+                words=None if words is None else [
+                    WordTiming(w.word, round(offset_s + min(w.start, covered_s), 3), round(offset_s + min(max(w.end, w.start), covered_s), 3),
+                               round(w.probability, 4)) for w in words],  # what follows covered_s is decoded again
             ))
-        return WindowResult(segments=segments, covered_s=covered_s)
+        return WindowResult(segments=segments, covered_s=covered_s, temperature=row.temperature)

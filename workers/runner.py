@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from workers.decoding import DecodeRow, DecodingOptions, GreedyDecoder
+from workers.decoding import DecodeRow, DecodingOptions, BatchDecoder
 from workers.features import N_SAMPLES, LogMelSpectrogram
 from workers.packing import EncodedWindow, PackingMode, PassInput, PassLayout, encoded_windows, encoder_input, first_fit, stack
 from workers.tokenizer import WhisperTokenizer
@@ -57,6 +57,10 @@ class ModelRunner:
         self.options = options
         self.suppress_tokens = list(config.get("suppress_ids", [])) + self.tokenizer.special_non_timestamps
         self.suppress_at_begin = list(config.get("suppress_ids_begin", [self.tokenizer.encode(" ")[0], self.tokenizer.eot]))
+        # without a list in config.json: every head of the decoder's second half (openai-whisper's default)
+        dims = self.model.dims
+        self.alignment_heads = [tuple(pair) for pair in config.get("alignment_heads", [])] or [
+            (layer, head) for layer in range(dims.n_text_layer // 2, dims.n_text_layer) for head in range(dims.n_text_head)]
         self.mel = LogMelSpectrogram(self.model.dims.n_mels)
         # what the decoder of a packed window sees after its own frames (see workers/packing.py)
         self.silence = self.encode([PassInput.alone(self.features(np.zeros(N_SAMPLES, np.float32)))])[0]
@@ -98,8 +102,8 @@ class ModelRunner:
             return ()
         return (self.tokenizer.timestamp_begin, *tokens)
 
-    def new_decoder(self) -> GreedyDecoder:
-        return GreedyDecoder(self.model, self.tokenizer, self.options, self.suppress_tokens, self.suppress_at_begin)
+    def new_decoder(self) -> BatchDecoder:
+        return BatchDecoder(self.model, self.tokenizer, self.options, self.suppress_tokens, self.suppress_at_begin, self.alignment_heads)
 
     def warm_up(self) -> WarmupReport:
         """Run every kernel once (first calls allocate and pick algorithms) and time one window."""

@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 import torch
 
-from workers.decoding import DecodeRow, GreedyDecoder, token_budget
-from workers.jobs import Job
+from workers.decoding import BatchDecoder, DecodeRow, audio_frames, token_budget
+from workers.jobs import Job, WindowOptions
 from workers.scheduler import BatchPolicy, DynamicBatchScheduler, Packer, Priority
 
 log = logging.getLogger(__name__)
@@ -328,9 +328,31 @@ class DecoderStage(Stage):
     """
 
     def __init__(self, device: str, policy: BatchPolicy, workers: int, max_workers: int,
-                 new_decoder: Callable[[], GreedyDecoder], observer: StageObserver):
+                 new_decoder: Callable[[], BatchDecoder], observer: StageObserver, decoded: Callable[[DecodeRow], None] = lambda row: None):
         super().__init__("decoder", device, policy, workers, max_workers, None, observer)
         self.new_decoder = new_decoder
+        self.decoded = decoded  # told of each window decoded (its search and fallbacks are counted)
+        self._parked: set[Job] = set()  # encoded windows whose prompt waits for the text of the window before
+
+    async def put(self, job: Job) -> None:
+        """A held job (see :meth:`release`) is parked, encoded, outside the queue: the encoder runs ahead of
+        the decoder, which waits only for the previous window's text."""
+        if job.held and not self._stopping:
+            self._parked.add(job)
+            job.future.add_done_callback(lambda _: self._parked.discard(job))  # answered or abandoned meanwhile
+            return
+        await super().put(job)
+
+    async def release(self, job: Job, options: WindowOptions) -> None:
+        """``job``'s prompt is known (``options``): queue it if it is parked, else it is queued when it arrives."""
+        job.options, job.held = options, False
+        if job in self._parked:
+            self._parked.discard(job)
+            await super().put(job)
+
+    async def stop(self) -> None:
+        self._fail(list(self._parked), StageStopped(self.name))
+        await super().stop()
 
     async def _work(self, held: list[Job]) -> None:
         decoder = self.new_decoder()
@@ -385,11 +407,13 @@ class DecoderStage(Stage):
             self.observer.batch_done(self.name, size, time.monotonic() - started)
             if not decoder.running:
                 capacity = full  # the smaller batch after running out of memory lasts until its rows are done
+            for job in finished:
+                self.decoded(job.data)
             if finished:  # the worker answers for its running rows too until they are handed on
                 held[:] = [row.owner for row in decoder.rows] + finished
                 await self._hand_on(held, finished)
 
-    async def _next_batch(self, decoder: GreedyDecoder, capacity: int) -> list[Job]:
+    async def _next_batch(self, decoder: BatchDecoder, capacity: int) -> list[Job]:
         """The next rows; a decoder idle for IDLE_RELEASE_S first gives back the cache a large batch grew
         (at once would cost a regrowth, hundreds of MB copied, between every two batches of a busy server)."""
         try:
@@ -399,13 +423,14 @@ class DecoderStage(Stage):
             return await self.scheduler.next_batch(capacity, self.more_coming)
 
     @staticmethod
-    def _advance(decoder: GreedyDecoder, joining: list[Job], gone: list[DecodeRow]) -> list[Job]:
+    def _advance(decoder: BatchDecoder, joining: list[Job], gone: list[DecodeRow]) -> list[Job]:
         """One iteration: drop the abandoned rows, take in the joining ones, then sample one token for every row."""
         decoder.remove(gone)
         finished = []
         if joining:
             rows = [DecodeRow(prompt=list(job.options.prompt), owner=job, max_tokens=token_budget(job.duration_s),
-                              last_timestamp=job.data.last_timestamp, forced=job.options.forced)
+                              last_timestamp=job.data.last_timestamp, forced=job.options.forced, search=job.options.search,
+                              word_timestamps=job.options.word_timestamps, frames=min(job.data.last_timestamp, audio_frames(job.duration_s)))
                     for job in joining]
             finished += decoder.add(rows, torch.stack([job.data.audio_features for job in joining]))
         finished += decoder.step()

@@ -48,6 +48,7 @@ class StreamOptions:
     interim_results: bool = True
     endpoint_silence_s: float = 0.6
     tenant: str = ""  # whose API key opened it (see WindowOptions.tenant)
+    word_timestamps: bool = False  # finals carry their words with start and end
 
 
 @dataclass(frozen=True)
@@ -105,10 +106,10 @@ class VoiceActivity:
 class StreamEngine:
     """What every session shares: the pipeline, the VAD model and the thread that runs it."""
 
-    def __init__(self, pipeline: Pipeline, config: StreamPolicy, window_options: Callable[[str | None, str | None, str, str | None], WindowOptions]):
+    def __init__(self, pipeline: Pipeline, config: StreamPolicy, window_options: Callable[[StreamOptions, str | None, str | None], WindowOptions]):
         self.pipeline = pipeline
         self.config = config
-        self.window_options = window_options  # (language, prompt text, tenant, forced prefix) -> what the decoder is given
+        self.window_options = window_options  # (stream options, prompt text, forced prefix) -> what the decoder is given
         self.vad_model = SileroVAD.load()
         # one thread: VAD costs 0.16 ms per 32 ms chunk, and must not take both cores from the model
         self._vad_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad")
@@ -343,8 +344,7 @@ class StreamSession:
                           prefix: list[str] | None = None) -> Transcript:
         """``prefix``: settled committed words (see :meth:`_settled`) the transcript is made to begin with:
         only the rest of the utterance is decoded."""
-        options = self.engine.window_options(self.options.language, self._prompt(), self.options.tenant,
-                                             " ".join(prefix) if prefix else None)
+        options = self.engine.window_options(self.options, self._prompt(), " ".join(prefix) if prefix else None)
         return await self.engine.pipeline.transcribe(audio, options, priority, submitted)
 
     async def _run_step(self, step: _Step) -> Transcript | None:
@@ -401,7 +401,9 @@ class StreamSession:
         end_s = self._seconds(span.end)
         shifted = [_shifted(s, span.start / SAMPLE_RATE) for s in transcript.segments] if transcript is not None else []
         # a covering step heard a little past the utterance's end: nothing of it belongs here
-        segments = [replace(s, end=min(s.end, end_s)) for s in shifted if s.start < end_s]
+        segments = [replace(s, end=min(s.end, end_s),
+                            words=None if s.words is None else [replace(w, end=min(w.end, end_s)) for w in s.words if w.start < end_s])
+                    for s in shifted if s.start < end_s]
         text = " ".join(s.text for s in segments)
         self.previous_text.extend(text.split())
         self.emit(Final(span.utterance, text, self._seconds(span.start), end_s, reason, segments,
@@ -409,4 +411,6 @@ class StreamSession:
 
 
 def _shifted(segment: Segment, offset_s: float) -> Segment:
-    return replace(segment, start=round(segment.start + offset_s, 3), end=round(segment.end + offset_s, 3))
+    words = None if segment.words is None else [
+        replace(w, start=round(w.start + offset_s, 3), end=round(w.end + offset_s, 3)) for w in segment.words]
+    return replace(segment, start=round(segment.start + offset_s, 3), end=round(segment.end + offset_s, 3), words=words)

@@ -52,6 +52,9 @@ class WhisperTokenizer:
         """Text of the tokens, special and timestamp tokens left out."""
         return self._tokenizer.decode([t for t in tokens if t < self.eot])
 
+    def decode_with_specials(self, tokens: list[int]) -> str:
+        return self._tokenizer.decode(tokens, skip_special_tokens=False)
+
     @property
     def special_non_timestamps(self) -> list[int]:
         """Special tokens a transcript never contains (the task, start and no-speech markers)."""

@@ -23,6 +23,7 @@ from starlette.websockets import WebSocketState
 from app.audio import PcmStream
 from app.auth import tenant_of
 from app.errors import APIError
+from app.formats import word_json
 from app.limits import TokenBucket, client_identity
 from app.service import ServedModel, Service
 from app.webhook import stream_final_payload
@@ -47,6 +48,7 @@ class StartMessage(BaseModel):
     language: str = Field("en", max_length=16)
     interim_results: bool = True
     endpoint_silence_ms: int | None = Field(None, ge=100, le=10_000)
+    word_timestamps: bool = False
     model: str | None = Field(None, max_length=64)
 
 
@@ -106,7 +108,8 @@ class StreamConnection:
     def options(self) -> dict:
         endpoint_ms = self.start.endpoint_silence_ms or self.settings.stream_endpoint_silence_ms
         return {"model": self.served.name, "sample_rate": self.start.sample_rate, "encoding": self.start.encoding, "language": self.start.language,
-                "interim_results": self.start.interim_results, "endpoint_silence_ms": endpoint_ms}
+                "interim_results": self.start.interim_results, "endpoint_silence_ms": endpoint_ms,
+                "word_timestamps": self.start.word_timestamps}
 
     def send(self, message: dict) -> None:
         if len(self.outbox) >= self.settings.stream_max_pending_messages:
@@ -129,9 +132,12 @@ class StreamConnection:
             if self.service.webhook is not None:
                 self.service.webhook.offer(stream_final_payload(self.id, self.served.name, event.utterance, event.text,
                                                                 event.start, event.end, event.reason))
-            self.send({"type": "final", "utterance": event.utterance, "text": event.text, "start": event.start,
-                       "end": event.end, "reason": event.reason,
-                       "segments": [{"start": s.start, "end": s.end, "text": s.text} for s in event.segments]})
+            final = {"type": "final", "utterance": event.utterance, "text": event.text, "start": event.start,
+                     "end": event.end, "reason": event.reason,
+                     "segments": [{"start": s.start, "end": s.end, "text": s.text} for s in event.segments]}
+            if self.start.word_timestamps:
+                final["words"] = [word_json(w) for s in event.segments for w in s.words or []]
+            self.send(final)
         elif isinstance(event, StreamError):
             self.error(event.code, event.message)
 
@@ -141,7 +147,8 @@ class StreamConnection:
             self.pcm = PcmStream(options["encoding"], options["sample_rate"])
             self.session = self.served.engine.open_stream(
                 StreamOptions(language=options["language"], interim_results=options["interim_results"],
-                              endpoint_silence_s=options["endpoint_silence_ms"] / 1000, tenant=tenant_of(self.websocket.scope)), self.emit)
+                              endpoint_silence_s=options["endpoint_silence_ms"] / 1000, tenant=tenant_of(self.websocket.scope),
+                              word_timestamps=options["word_timestamps"]), self.emit)
         return self.session
 
     async def run(self) -> None:

@@ -16,9 +16,10 @@ from app.limits import admission_refusal
 from app.service import ServedModel, Service
 from app.webhook import transcript_payload
 from configs.settings import OPENAI_ALIAS
-from workers.engine import OptionError, Overloaded, Priority, StageError, StageStopped, Transcript, WindowOptions
+from workers.engine import MAX_BEAM_SIZE, OptionError, Overloaded, Priority, StageError, StageStopped, Transcript, WindowOptions
 
 router = APIRouter(tags=["transcription"])
+CONTEXT_HELP = "Condition each window of a long file on the text before it (Whisper's long-form context); unset: ASR_CONDITION_ON_PREVIOUS_TEXT."
 
 
 def _service(request: Request) -> Service:
@@ -28,10 +29,12 @@ def _service(request: Request) -> Service:
     return service
 
 
-def _options(request: Request, served: ServedModel, language: str | None, prompt: str | None) -> WindowOptions:
+def _options(request: Request, served: ServedModel, language: str | None, prompt: str | None, beam_size: int | None,
+             temperature: float, condition_on_previous_text: bool | None, word_timestamps: bool) -> WindowOptions:
     """The request's options, normalised once: nothing in them can fail the batch they join."""
     try:
-        return served.engine.options(language, prompt, tenant_of(request.scope))
+        return served.engine.options(language, prompt, tenant_of(request.scope), beam_size=beam_size, temperature=temperature,
+                                     condition_on_previous_text=condition_on_previous_text, word_timestamps=word_timestamps)
     except OptionError as exc:
         raise APIError(400, "unsupported_language", str(exc)) from exc
 
@@ -95,10 +98,16 @@ async def transcribe(
     language: Annotated[str | None, Query(max_length=16, description="Language code; the English-only default model takes 'en'.")] = None,
     prompt: Annotated[str | None, Query(description="Text that conditions the decoder: names, spellings, style.")] = None,
     model: Annotated[str | None, Query(max_length=64, description="A served model's name (GET /v1/models); unset: the default model.")] = None,
+    beam_size: Annotated[int | None, Query(ge=1, le=MAX_BEAM_SIZE, description="Beams of each window's search; 1: greedy; unset: ASR_BEAM_SIZE.")] = None,
+    temperature: Annotated[float, Query(ge=0, le=1, description="The first temperature of each window's decoding; a window whose result fails "
+                                        "Whisper's quality rules is decoded again at the next of the schedule (see ASR_TEMPERATURE_INCREMENT_ON_FALLBACK).")] = 0.0,
+    condition_on_previous_text: Annotated[bool | None, Query(description=CONTEXT_HELP)] = None,
+    word_timestamps: Annotated[bool, Query(description="Each segment's words with their start, end and probability (aligned on the "
+                                           "model's cross-attention, as openai-whisper's word timestamps).")] = False,
 ) -> JSONResponse:
     service = _service(request)
     served = service.model(model)
-    options = _options(request, served, language, prompt)
+    options = _options(request, served, language, prompt, beam_size, temperature, condition_on_previous_text, word_timestamps)
     request_id = _request_id(request)
     if request.headers.get("content-type", "").startswith("multipart/form-data"):
         form = await request.form()
@@ -122,19 +131,22 @@ async def openai_transcriptions(
     model: Annotated[str, Form(description="A served model's name (GET /v1/models); 'whisper-1' means the default model.")] = OPENAI_ALIAS,
     language: Annotated[str | None, Form(max_length=16)] = None,
     prompt: Annotated[str | None, Form()] = None,
-    temperature: Annotated[float, Form(ge=0, le=1)] = 0.0,
+    temperature: Annotated[float, Form(ge=0, le=1, description="As OpenAI's: 0 decodes at 0 and falls back to higher temperatures while a window "
+                                       "fails Whisper's quality rules; above 0 starts the schedule there.")] = 0.0,
     response_format: Annotated[ResponseFormat, Form()] = ResponseFormat.json,
     timestamp_granularities: Annotated[list[str] | None, Form(alias="timestamp_granularities[]")] = None,
+    beam_size: Annotated[int | None, Form(ge=1, le=MAX_BEAM_SIZE, description="Not OpenAI's: beams of each window's search; unset: ASR_BEAM_SIZE.")] = None,
+    condition_on_previous_text: Annotated[bool | None, Form(description="Not OpenAI's: " + CONTEXT_HELP)] = None,
 ) -> Response:
     service = _service(request)
     served = service.model(None if model == OPENAI_ALIAS else model)
     if served.name != service.settings.default_model_name and (refusal := admission_refusal(service, served.name)) is not None:
         raise refusal  # admission, before the form was read, could only decide for the default model
-    if temperature != 0:
-        raise APIError(400, "unsupported_temperature", "only greedy decoding is served: send temperature 0")
-    if set(timestamp_granularities or []) - {"segment"}:
-        raise APIError(400, "unsupported_granularity", "only timestamp_granularities[]=segment is served")
-    options = _options(request, served, language, prompt)
+    granularities = set(timestamp_granularities or ["segment"])
+    if granularities - {"segment", "word"}:
+        raise APIError(400, "unsupported_granularity", "timestamp_granularities[] takes segment and word")
+    words = "word" in granularities and response_format is ResponseFormat.verbose_json  # the only format that has them
+    options = _options(request, served, language, prompt, beam_size, temperature, condition_on_previous_text, words)
     headers = {"X-Request-Id": _request_id(request)}
     transcript = await _transcribe(request, service, served, await file.read(), options)
     if response_format is ResponseFormat.text:
@@ -144,5 +156,5 @@ async def openai_transcriptions(
     if response_format is ResponseFormat.vtt:
         return PlainTextResponse(to_vtt(transcript.segments), media_type="text/vtt", headers=headers)
     if response_format is ResponseFormat.verbose_json:
-        return JSONResponse(verbose_json(transcript, "english" if options.language == "en" else options.language), headers=headers)
+        return JSONResponse(verbose_json(transcript, "english" if options.language == "en" else options.language, granularities), headers=headers)
     return JSONResponse({"text": transcript.text}, headers=headers)
