@@ -77,10 +77,6 @@ class SearchOptions:
     best_of: int = 5  # samples drawn at a temperature above 0; the best scoring one is kept
     seed: int = 0  # of each window's sampling generator: a window's result does not depend on its batch mates
 
-    def width(self, temperature: float) -> int:
-        """Hypotheses decoded side by side at ``temperature``."""
-        return self.best_of if temperature > 0 else self.beam_size
-
 
 @dataclass(eq=False)
 class Hypothesis:

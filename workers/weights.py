@@ -36,7 +36,7 @@ _DECODER_SWITCHES = {"pre_norm": (1, 1), "scale_embeddings": (1, 0), "alibi": (0
 # Revision 3 renumbered the activations: before it, code 1 was ctranslate2's only GELU; it now means GELUTanh.
 # workers.model runs the exact GELU Whisper was trained with either way.
 _GELU, _GELU_BEFORE_REVISION_3 = 3, 1
-# Read by ctranslate2 only for word alignment (not served) or for ALiBi, which the switch above has off.
+# Not read here: the alignment heads come from config.json (as ctranslate2 reads them for word alignment); ALiBi is off by the switch above.
 _UNUSED_METADATA = {"decoder/alignment_heads", "decoder/alignment_layer", "decoder/alibi_use_positive_positions",
                     "decoder/scale_alibi"}
 
