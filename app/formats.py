@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 
-from workers.engine import Segment, Transcript, WordTiming, compression_ratio
+from workers.engine import LANGUAGES, Segment, Transcript, WordTiming, compression_ratio
 
 
 class ResponseFormat(str, Enum):
@@ -44,14 +44,16 @@ def segment_json(i: int, s: Segment) -> dict:
     return out
 
 
-def service_json(t: Transcript, model: str, language: str) -> dict:
-    return {"text": t.text, "duration": round(t.duration_s, 3), "language": language, "model": model,
+def service_json(t: Transcript, model: str) -> dict:
+    return {"text": t.text, "duration": round(t.duration_s, 3), "language": t.language, "model": model,
             "segments": [segment_json(i, s) for i, s in enumerate(t.segments)]}
 
 
-def verbose_json(t: Transcript, language: str, granularities: set[str]) -> dict:
-    """OpenAI's verbose_json: ``segments`` for the ``segment`` granularity, ``words`` (word, start, end) for ``word``."""
-    out: dict = {"task": "transcribe", "language": language, "duration": round(t.duration_s, 3), "text": t.text}
+def verbose_json(t: Transcript, granularities: set[str], task: str = "transcribe") -> dict:
+    """OpenAI's verbose_json: the language by name (``english``), ``segments`` for the ``segment`` granularity,
+    ``words`` (word, start, end) for ``word``."""
+    language = None if t.language is None else LANGUAGES.get(t.language, t.language)
+    out: dict = {"task": task, "language": language, "duration": round(t.duration_s, 3), "text": t.text}
     if "segment" in granularities:
         out["segments"] = [{**{k: v for k, v in segment_json(i, s).items() if k != "words"}, "seek": 0, "tokens": s.tokens,
                             "temperature": s.temperature, "compression_ratio": round(compression_ratio(s.text), 4)}

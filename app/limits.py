@@ -128,7 +128,7 @@ class Admission:
     would waste the time the backlog needs. Counts the admitted requests in flight, which a graceful
     shutdown waits for."""
 
-    PATHS = ("/v1/transcribe", "/v1/audio/transcriptions")
+    PATHS = ("/v1/transcribe", "/v1/audio/transcriptions", "/v1/audio/translations")
 
     def __init__(self, app: ASGIApp, service: Service):
         self.app = app

@@ -48,6 +48,7 @@ class DecodingPolicy:
     seed: int = 0
     stream_beam_size: int = 1
     condition_on_previous_text: bool = True
+    stream_fallback: bool = False  # a stream's finals fall back to higher temperatures (interim steps never do)
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def resolve_engine_policy(settings: Settings, on_gpu: bool) -> EnginePolicy:
         stages=stages,
         guards=GuardsPolicy(s.no_speech_threshold, s.logprob_threshold, s.compression_ratio_threshold),
         search=DecodingPolicy(s.beam_size, s.patience, s.length_penalty, s.best_of, s.temperature_increment_on_fallback, s.sampling_seed,
-                            s.stream_beam_size, s.condition_on_previous_text),
+                            s.stream_beam_size, s.condition_on_previous_text, s.stream_temperature_fallback),
         stream=StreamPolicy(step_s=s.stream_step_s, vad_threshold=s.stream_vad_threshold, max_utterance_s=s.stream_max_utterance_s,
                             min_speech_s=s.stream_min_speech_ms / 1000, prompt_previous_text=s.stream_prompt_previous_text,
                             prompt_words=s.stream_prompt_words),

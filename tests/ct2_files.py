@@ -6,10 +6,14 @@ python/ctranslate2/specs/model_spec.py); tests/test_weights.py checks them byte 
 
 from __future__ import annotations
 
+import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from workers.weights import read_ct2_file
 
 QUANTIZATIONS = ("float32", "float16", "bfloat16", "int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16")
 # numpy has no bfloat16: a bfloat16 array is held as its uint16 bits
@@ -72,3 +76,49 @@ def model_bin(variables: dict[str, np.ndarray], aliases: dict[str, str], *, vers
     for alias, target in sorted(aliases.items()):
         out += [_string(alias), _string(target)]
     return b"".join(out)
+
+
+WHISPER_ALIASES = {"decoder/projection/weight": "decoder/embeddings/weight"}  # Whisper ties its output projection
+_ENGLISH_EOT = 50256  # English-only vocabularies have one text token fewer: the multilingual ones' eot is 50257
+
+
+def multilingual_model_dir(source: Path, path: Path) -> Path:
+    """A multilingual CTranslate2 Whisper made of an English-only one (tiny.en): its vocabulary gets the one more text
+    token a multilingual vocabulary has (the empty string, which ctranslate2 reads as the mark of a multilingual
+    model), as a zero row of the embeddings at 50256, and every special token moves up by one; the language and task
+    tokens an English-only vocabulary already holds take their multilingual places. It transcribes English about as
+    the source model does, but the source was never trained on languages or tasks: what it detects is arbitrary
+    and its "translation" is a transcript. Mechanics to test, not quality to measure."""
+    sot = _ENGLISH_EOT + 2  # after the added text token and end-of-text
+    languages, tasks = range(sot + 1, sot + 1 + 99), [sot + 100, sot + 101]  # tiny's 99, <|en|> to <|su|>; translate, transcribe
+    _, variables = read_ct2_file(source / "model.bin")
+    variables = {name: value for name, value in variables.items() if name not in WHISPER_ALIASES}
+    embeddings = variables["decoder/embeddings/weight"]
+    embeddings = np.insert(embeddings, _ENGLISH_EOT, np.zeros(embeddings.shape[1], embeddings.dtype), axis=0).astype(np.float32)
+    # tiny.en never saw a language or task token, and after untrained ones it writes nothing: each is made
+    # start-of-transcript's embedding, which it knows, plus a little seeded noise that tells the languages apart
+    noise = np.random.default_rng(0).standard_normal((len(languages) + len(tasks), embeddings.shape[1]), np.float32)
+    embeddings[[*languages, *tasks]] = embeddings[sot] + 0.1 * embeddings.std() * noise
+    variables["decoder/embeddings/weight"] = embeddings.astype(variables["decoder/embeddings/weight"].dtype)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "model.bin").write_bytes(model_bin(variables, WHISPER_ALIASES))
+
+    shifted = lambda token: token + 1 if token >= _ENGLISH_EOT else token  # noqa: E731
+    tokenizer = json.loads((source / "tokenizer.json").read_text())
+    vocab = {token: shifted(i) for token, i in tokenizer["model"]["vocab"].items()}
+    tokenizer["model"]["vocab"] = {**vocab, "": _ENGLISH_EOT}
+    for added in tokenizer["added_tokens"]:
+        added["id"] = shifted(added["id"])
+    for template in (tokenizer.get("post_processor") or {}).get("special_tokens", {}).values():
+        template["ids"] = [shifted(i) for i in template["ids"]]
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False))
+
+    lines = (source / "vocabulary.txt").read_text(encoding="utf-8").split("\n")
+    (path / "vocabulary.txt").write_text("\n".join([*lines[:_ENGLISH_EOT], "", *lines[_ENGLISH_EOT:]]), encoding="utf-8")
+
+    config = json.loads((source / "config.json").read_text())
+    config["suppress_ids"] = sorted({shifted(i) for i in config["suppress_ids"]} | {_ENGLISH_EOT})
+    config["suppress_ids_begin"] = [shifted(i) for i in config["suppress_ids_begin"]]
+    config["lang_ids"] = list(languages)
+    (path / "config.json").write_text(json.dumps(config))
+    return path

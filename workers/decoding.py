@@ -15,6 +15,10 @@ Whisper's quality rules (it compresses too well: a loop; or its average log-prob
 decoded again at the next temperature of its schedule, sampling ``best_of`` times from a generator seeded
 per window, as openai-whisper's ``transcribe`` does; its audio slot and prompt stay where they are.
 
+A multilingual model given no language detects it per window: the row's prompt stops at start-of-transcript,
+the likeliest language token there is chosen, and the language and task tokens are fed in the next steps of the
+running batch (no forward pass of its own).
+
 The token policy is a list of small logit filters, as in openai/whisper: blank suppression, suppressed
 tokens, and the timestamp rules.
 """
@@ -58,7 +62,7 @@ class DecodingOptions:
 
     sample_len: int = 224  # most tokens sampled for one window (half the text context, as openai/whisper)
     max_initial_timestamp_s: float = 1.0  # the first segment may not start later than this
-    suppress_blank: bool = True  # no blank or end-of-text as the first text token
+    suppress_blank: bool = True  # no blank or end-of-text as the first sampled token
     max_prompt_tokens: int = 223  # previous-text prompt is cut to its last tokens to leave room to sample
     # Whisper's quality rules: a result that fails them is decoded again at the next temperature
     compression_ratio_threshold: float = 2.4  # text that gzip compresses better than this is a loop
@@ -87,6 +91,9 @@ class Hypothesis:
     sum_logprob: float
     feed: int  # the token fed at the next step (its last, or the prompt's last when it starts over)
     slot: int = -1
+    # decided but not yet fed, one a step, before it chooses again: after a detected language, the language and
+    # task tokens, then the forced prefix
+    pending: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -110,11 +117,16 @@ class DecodeRow:
     last_timestamp: int = 1500  # in encoder frames (20 ms): its window's end; decoding stops there
     forced: tuple[int, ...] = ()  # what its transcript must begin with (a stream's committed words): fed, not sampled
     search: SearchOptions = SearchOptions()
+    task: str = "transcribe"  # or translate (into English); fed after the language a multilingual model detects
     word_timestamps: bool = False  # align its transcript's words on its audio once it is decoded
     frames: int = 1500  # encoder frames (20 ms) of its own audio: what its words are aligned on
     tokens: list[int] = field(default_factory=list)
     sum_logprob: float = 0.0
     no_speech_prob: float = math.nan
+    # detected when its prompt leaves the language out (a multilingual model given none): the prompt then ends at
+    # start-of-transcript, and the likeliest language token there (openai-whisper's detect_language) is chosen
+    language: str | None = None
+    language_probability: float = math.nan
     temperature: float = 0.0  # the last temperature tried (a later window's context is dropped after a high one)
     attempts: list[Attempt] = field(default_factory=list)  # one per temperature tried
     alignment: TokenAlignment | None = None  # with word_timestamps: where each text token is in its audio
@@ -234,23 +246,26 @@ class BatchDecoder:
     @torch.inference_mode()
     def add(self, rows: list[DecodeRow], audio_features: Tensor) -> list[DecodeRow]:
         """Join ``rows`` (encoder output ``audio_features`` [len(rows), 1500, D]) to the running batch:
-        feed their prompts and choose their first tokens. Returns rows that already finished."""
+        feed their prompts and choose their first tokens. Returns rows that already finished. A row whose
+        language is to be detected is fed its prompt only (to start-of-transcript), and its language, task and
+        forced prefix in the steps that follow."""
         decoder, device = self.model.decoder, audio_features.device
         start, stop = len(self.slots), len(self.slots) + len(rows)
         audio_start, audio_stop = len(self.rows), len(self.rows) + len(rows)
-        width = max(len(r.prompt) + len(r.forced) for r in rows)
+        detecting = [self.tokenizer.multilingual and row.prompt[-1] == self.tokenizer.sot for row in rows]
+        feeds = [row.prompt if detect else [*row.prompt, *row.forced] for row, detect in zip(rows, detecting)]
+        width = max(map(len, feeds))
         self._reserve(stop, width, audio_stop)
         state = self.cache.state((start, stop), (audio_start, audio_stop))
         state.lengths.zero_()
         decoder.project_audio(audio_features, state)
         tokens = torch.full((len(rows), width), self.tokenizer.eot, dtype=torch.long)
-        for i, row in enumerate(rows):
-            fed = [*row.prompt, *row.forced]
+        for i, (row, fed) in enumerate(zip(rows, feeds)):
             tokens[i, : len(fed)] = torch.tensor(fed)
             row.audio_slot = audio_start + i
             row.live = [Hypothesis(row, list(row.forced), 0.0, feed=fed[-1], slot=start + i)]
             self.slots.append(row.live[0])
-        counts = torch.tensor([len(r.prompt) + len(r.forced) for r in rows], device=device)
+        counts = torch.tensor(list(map(len, feeds)), device=device)
         hidden = decoder(tokens.to(device), counts, state)
         self.rows.extend(rows)
         index = torch.arange(len(rows), device=device)
@@ -259,7 +274,23 @@ class BatchDecoder:
         no_speech = decoder.logits(hidden[index, sot_at]).float().softmax(-1)[:, self.tokenizer.no_speech]
         for row, p in zip(rows, no_speech.tolist()):
             row.no_speech_prob = p
-        return self._advance(decoder.logits(hidden[index, counts - 1]), [row.live[0] for row in rows])
+        logits = decoder.logits(hidden[index, counts - 1])
+        if any(detecting):
+            self._detect_language([row for row, detect in zip(rows, detecting) if detect], logits[torch.tensor(detecting, device=device)])
+        return self._advance(logits, [row.live[0] for row in rows])
+
+    def _detect_language(self, rows: list[DecodeRow], logits: Tensor) -> None:
+        """Each row's language: the likeliest language token at start-of-transcript (``logits``, one per row),
+        its probability a softmax over the language tokens alone (openai-whisper's and CTranslate2's
+        ``detect_language``). The language and task tokens join the row's prompt, to be fed in the next steps."""
+        languages = self.tokenizer.language_tokens
+        probs = logits[:, languages.start : languages.stop].float().softmax(-1)
+        best, chosen = probs.max(-1)
+        for row, p, k in zip(rows, best.tolist(), chosen.tolist()):
+            language, task = languages[k], self.tokenizer.task_token(row.task)
+            row.language, row.language_probability = self.tokenizer.language_code(language), p
+            row.prompt = [*row.prompt, language, task]
+            row.live[0].pending = [language, task, *row.forced]
 
     @torch.inference_mode()
     def step(self) -> list[DecodeRow]:
@@ -294,9 +325,9 @@ class BatchDecoder:
 
     def _filter(self, logits: Tensor, hypotheses: list[Hypothesis]) -> None:
         logits[:, self.suppress] = -math.inf
-        if self.options.suppress_blank:
+        if self.options.suppress_blank:  # at the first sampled token only, as CTranslate2 and openai-whisper
             for k, h in enumerate(hypotheses):
-                if h.tokens and not any(t < self.tokenizer.eot for t in h.tokens):
+                if len(h.tokens) == len(h.row.forced):
                     logits[k, self.suppress_at_begin] = -math.inf
         self.timestamp_rules.apply(logits, hypotheses)
 
@@ -314,6 +345,9 @@ class BatchDecoder:
         finished = []
         for ks in at.values():
             row = hypotheses[ks[0]].row
+            if (waiting := hypotheses[ks[0]]).pending:  # its next token is decided: these logits are not looked at
+                waiting.feed = waiting.pending.pop(0)
+                continue
             temperature = row.current_temperature
             if temperature > 0:
                 children = self._sample(row, [hypotheses[k] for k in ks], logits[ks], logprobs[ks], temperature)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +28,11 @@ from workers.runner import ModelRunner, WarmupReport, choose_device, embedded_mo
 from workers.scheduler import Priority, Signal
 from workers.stages import ObserverGroup, StageError, StageObserver, StageSnapshot, StageStopped
 from workers.timing import WordTiming
+from workers.tokenizer import LANGUAGE_CODES, LANGUAGES, TASKS
 from workers.streaming import Event, Final, Partial, StreamError, StreamOptions, StreamSession, StreamEngine
 
 __all__ = [
-    "MAX_BEAM_SIZE", "SAMPLE_RATE", "compression_ratio", "Engine", "EngineInfo", "EngineSnapshot", "Event", "Final", "OptionError", "Overloaded", "Partial", "Priority",
+    "LANGUAGES", "MAX_BEAM_SIZE", "SAMPLE_RATE", "TASKS", "compression_ratio", "Engine", "EngineInfo", "EngineSnapshot", "Event", "Final", "OptionError", "Overloaded", "Partial", "Priority",
     "Segment", "StageError", "StageObserver", "StageSnapshot", "StageStopped", "StreamError", "StreamOptions",
     "StreamSession", "Transcript", "WindowOptions", "WordTiming", "load_engine",
 ]
@@ -43,7 +44,11 @@ MAX_BEAM_SIZE = 16
 
 
 class OptionError(ValueError):
-    """A request option this model cannot honour; the message says which and why."""
+    """A request option this model cannot honour; the message says which and why, ``code`` names it for an API error."""
+
+    def __init__(self, message: str, code: str = "unsupported_option"):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -102,29 +107,43 @@ class Engine:
     # what a request may ask
     def options(self, language: str | None, prompt: str | None, tenant: str = "", prefix: str | None = None,
                 beam_size: int | None = None, temperature: float = 0.0, condition_on_previous_text: bool | None = None,
-                word_timestamps: bool = False) -> WindowOptions:
-        """Normalise a request's language and prompt; raises :class:`OptionError` for a language the model
-        does not have. What comes out cannot fail inside a shared batch. ``prefix``: text the transcript of its
-        first window must begin with (a stream's committed words), so that only the rest is decoded.
-        ``beam_size`` (unset: ASR_BEAM_SIZE), ``temperature`` (the first of its fallback schedule) and
-        ``condition_on_previous_text`` (unset: ASR_CONDITION_ON_PREVIOUS_TEXT), ``word_timestamps``."""
+                word_timestamps: bool = False, task: str = "transcribe") -> WindowOptions:
+        """Normalise a request's options; raises :class:`OptionError` for one the model cannot honour (a language
+        it does not have, translation on an English-only model). What comes out cannot fail inside a shared batch.
+        ``language``: a code or openai-whisper's name of it; unset, a multilingual model detects each window's.
+        ``prefix``: text the transcript of its first window must begin with (a stream's committed words), so that
+        only the rest is decoded. ``beam_size`` (unset: ASR_BEAM_SIZE), ``temperature`` (the first of its fallback
+        schedule), ``condition_on_previous_text`` (unset: ASR_CONDITION_ON_PREVIOUS_TEXT), ``word_timestamps``,
+        ``task``: transcribe, or translate into English."""
         search = self._policy.search
         if beam_size is not None and not 1 <= beam_size <= MAX_BEAM_SIZE:
-            raise OptionError(f"beam_size must be between 1 and {MAX_BEAM_SIZE}, not {beam_size}")
+            raise OptionError(f"beam_size must be between 1 and {MAX_BEAM_SIZE}, not {beam_size}", "invalid_beam_size")
         if not 0.0 <= temperature <= 1.0:
-            raise OptionError(f"temperature must be between 0 and 1, not {temperature}")
-        code = (language or "en").strip().lower()
-        if code not in self._info.languages:
-            raise OptionError(f"the model {self.name} does not transcribe language {language!r}"
-                              + ("" if self._info.multilingual else " (it is English-only: 'en')"))
+            raise OptionError(f"temperature must be between 0 and 1, not {temperature}", "invalid_temperature")
+        if task not in TASKS:
+            raise OptionError(f"task must be one of {', '.join(TASKS)}, not {task!r}", "unsupported_task")
+        if task == "translate" and not self._info.multilingual:
+            raise OptionError(f"the model {self.name} is English-only and cannot translate: serve a multilingual Whisper "
+                              "(ASR_MODELS) and name it in the request", "unsupported_task")
+        code = self._language(language)
         tokens = self._runner.tokenizer.encode(" " + prompt.strip()) if prompt and prompt.strip() else []
         forced = self._runner.forced_prefix(prefix)
         chained = search.condition_on_previous_text if condition_on_previous_text is None else condition_on_previous_text
-        return WindowOptions(language=code, prompt=self._runner.prompt(tokens, code), forced=forced, tenant=tenant,
+        return WindowOptions(language=code, prompt=self._runner.prompt(tokens, code, task), forced=forced, tenant=tenant, task=task,
                              search=SearchOptions(beam_size or search.beam_size, search.patience, search.length_penalty,
                                                   temperature_schedule(temperature, search.temperature_increment), search.best_of,
                                                   search.seed),
                              context=tuple(tokens), condition_on_previous_text=chained, word_timestamps=word_timestamps)
+
+    def _language(self, language: str | None) -> str | None:
+        if language is None or not language.strip():
+            return None if self._info.multilingual else "en"
+        code = language.strip().lower()
+        code = LANGUAGE_CODES.get(code, code)
+        if code not in self._info.languages:
+            raise OptionError(f"the model {self.name} does not transcribe language {language!r}"
+                              + ("" if self._info.multilingual else " (it is English-only: 'en')"), "unsupported_language")
+        return code
 
     # work
     async def transcribe(self, audio: np.ndarray, options: WindowOptions, priority: Priority = Priority.BULK) -> Transcript:
@@ -191,10 +210,15 @@ def load_engine(name: str, model_path: Path | str, settings: Settings, observer:
     pipeline = Pipeline(runner, policy, observers, seconds_per_window=warmup.encoder_s + warmup.decoder_s)
     engine: Engine | None = None
 
-    def window_options(stream: StreamOptions, prompt: str | None, prefix: str | None) -> WindowOptions:
-        # a stream's context is its earlier finals (its prompt), and an utterance is one window
-        return engine.options(stream.language, prompt, stream.tenant, prefix, beam_size=policy.search.stream_beam_size,
-                              condition_on_previous_text=False, word_timestamps=stream.word_timestamps)
+    def window_options(stream: StreamOptions, prompt: str | None, prefix: str | None, final: bool) -> WindowOptions:
+        # a stream's context is its earlier finals (its prompt), and an utterance is one window. An interim step
+        # never falls back (the next step supersedes it), a final only with ASR_STREAM_TEMPERATURE_FALLBACK: a
+        # window sampled at every temperature costs 26 decodes, which the finals behind it wait for
+        options = engine.options(stream.language, prompt, stream.tenant, prefix, beam_size=policy.search.stream_beam_size,
+                                 condition_on_previous_text=False, word_timestamps=stream.word_timestamps)
+        if final and policy.search.stream_fallback:
+            return options
+        return replace(options, search=replace(options.search, temperatures=options.search.temperatures[:1]))
 
     streams = StreamEngine(pipeline, policy.stream, window_options)
     engine = Engine(name, runner, policy, warmup, streams, pipeline, observers)

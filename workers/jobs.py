@@ -44,6 +44,7 @@ class WindowResult:
     # stopped at a segment boundary before the end, and the rest must be decoded again
     covered_s: float
     temperature: float = 0.0  # the last its decoder tried: a high one ends the file's context (see Pipeline.transcribe)
+    language: str | None = None  # detected in it, when its request gave none
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class WindowOptions:
     """What a request asked of its decoding, normalised once at the edge (see ``Engine.options``): nothing
     in it can fail inside a shared batch."""
 
-    language: str | None  # a code the model's tokenizer knows, lower case
+    language: str | None  # a code the model's tokenizer knows, lower case; None: each window's is detected (multilingual models)
     prompt: tuple[int, ...]  # the decoder's whole prompt: previous text (cut to fit), then the start-of-transcript sequence
     forced: tuple[int, ...] = ()  # the transcript's first tokens, fed rather than sampled (see Engine.options)
     tenant: str = ""  # whose API key sent it: with ASR_ENCODER_PACKING=per_key, only one tenant's windows share an encoder pass
@@ -59,6 +60,7 @@ class WindowOptions:
     context: tuple[int, ...] = ()  # the text tokens the first window is conditioned on (the request's prompt)
     condition_on_previous_text: bool = False  # each later window of a file on the text before it (the decoder waits for it)
     word_timestamps: bool = False  # each segment's words with their start and end
+    task: str = "transcribe"  # or translate: a multilingual model's text in English
 
 
 @dataclass(eq=False)  # a job is itself, not its contents (its audio is an array)

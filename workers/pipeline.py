@@ -44,6 +44,8 @@ class Overloaded(Exception):
 class Transcript:
     segments: list[Segment]
     duration_s: float
+    # the request's, or the one most of its windows' audio was detected in; None when no window was decoded
+    language: str | None = None
 
     @property
     def text(self) -> str:
@@ -224,7 +226,7 @@ class Pipeline:
 
         def later(prompted: bool) -> WindowOptions:
             """A window's options after the first: no forced prefix; with context, the text so far as its prompt."""
-            prompt = self.runner.prompt(context, options.language) if chained and prompted else options.prompt
+            prompt = self.runner.prompt(context, options.language, options.task) if chained and prompted else options.prompt
             return replace(options, forced=(), prompt=prompt)
 
         async def submit(start: int, end: int, redecodes: int, priority: Priority, hold: bool) -> None:
@@ -241,6 +243,7 @@ class Pipeline:
             await self.entry.put(job)
 
         segments: list[Segment] = []
+        heard: dict[str, float] = {}  # seconds of audio detected in each language
         try:
             for start, end in windows:
                 # Whisper hallucinates on silence and on clicks
@@ -252,6 +255,8 @@ class Pipeline:
                     job, end, redecodes = pending.pop(future)
                     result = future.result()
                     segments += result.segments
+                    if result.language is not None:
+                        heard[result.language] = heard.get(result.language, 0.0) + job.duration_s
                     if chained:
                         context += [token for segment in result.segments for token in segment.tokens]
                         if result.temperature > PROMPT_RESET_TEMPERATURE:
@@ -265,4 +270,4 @@ class Pipeline:
             for future in pending:
                 future.cancel()  # the caller has gone or a window failed: the rest is dropped, even mid-decode
         segments.sort(key=lambda s: (s.start, s.end))
-        return Transcript(segments=segments, duration_s=len(audio) / SAMPLE_RATE)
+        return Transcript(segments, len(audio) / SAMPLE_RATE, options.language or max(heard, key=heard.__getitem__, default=None))

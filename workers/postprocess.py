@@ -38,7 +38,7 @@ class PostProcessor:
         """Split a decoded window at its timestamp tokens into segments, in seconds of the request."""
         guards = self.guards
         if row.no_speech_prob > guards.no_speech_threshold and row.avg_logprob < guards.logprob_threshold:
-            return WindowResult(segments=[], covered_s=duration_s, temperature=row.temperature)
+            return WindowResult(segments=[], covered_s=duration_s, temperature=row.temperature, language=row.language)
         begin = self.tokenizer.timestamp_begin
         tokens = row.tokens
         spans: list[tuple[float, float, list[int]]] = []
@@ -81,4 +81,4 @@ class PostProcessor:
                     WordTiming(w.word, round(offset_s + min(w.start, covered_s), 3), round(offset_s + min(max(w.end, w.start), covered_s), 3),
                                round(w.probability, 4)) for w in words],  # what follows covered_s is decoded again
             ))
-        return WindowResult(segments=segments, covered_s=covered_s, temperature=row.temperature)
+        return WindowResult(segments=segments, covered_s=covered_s, temperature=row.temperature, language=row.language)

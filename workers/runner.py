@@ -78,11 +78,11 @@ class ModelRunner:
         mask = None if mask is None else mask.to(self.device, non_blocking=True)
         return self.model.encoder(mel, mask, positions.to(self.device, non_blocking=True), segments)
 
-    def prompt(self, previous_text_tokens: list[int], language: str | None) -> tuple[int, ...]:
+    def prompt(self, previous_text_tokens: list[int], language: str | None, task: str = "transcribe") -> tuple[int, ...]:
         """The decoder's prompt: the previous text's last tokens (leaving room to sample), then the
-        start-of-transcript sequence of ``language``."""
+        start-of-transcript sequence of ``language`` and ``task`` (no language: the decoder detects it)."""
         previous = previous_text_tokens[-self.options.max_prompt_tokens :]
-        return tuple(([self.tokenizer.sot_prev, *previous] if previous else []) + self.tokenizer.sot_sequence(language))
+        return tuple(([self.tokenizer.sot_prev, *previous] if previous else []) + self.tokenizer.sot_sequence(language, task))
 
     def encode_windows(self, layouts: Sequence[PassLayout], mels: Sequence[torch.Tensor], samples: Sequence[int]) -> list[EncodedWindow]:
         """Windows (their log-mels and lengths) laid out in ``layouts`` (the packer's decision) -> what each
@@ -115,7 +115,7 @@ class ModelRunner:
         encoder_s = time.perf_counter() - started
         decoder = self.new_decoder()
         started = time.perf_counter()
-        decoder.add([DecodeRow(prompt=list(self.prompt([], None)), last_timestamp=window.last_timestamp)],
+        decoder.add([DecodeRow(prompt=list(self.prompt([], "en")), last_timestamp=window.last_timestamp)],
                     window.audio_features[None])
         while decoder.running:
             decoder.step()

@@ -430,7 +430,7 @@ class DecoderStage(Stage):
         if joining:
             rows = [DecodeRow(prompt=list(job.options.prompt), owner=job, max_tokens=token_budget(job.duration_s),
                               last_timestamp=job.data.last_timestamp, forced=job.options.forced, search=job.options.search,
-                              word_timestamps=job.options.word_timestamps, frames=min(job.data.last_timestamp, audio_frames(job.duration_s)))
+                              task=job.options.task, word_timestamps=job.options.word_timestamps, frames=min(job.data.last_timestamp, audio_frames(job.duration_s)))
                     for job in joining]
             finished += decoder.add(rows, torch.stack([job.data.audio_features for job in joining]))
         finished += decoder.step()

@@ -70,6 +70,7 @@ class Final:
     reason: str  # endpoint | finalize | close | max_length
     segments: list[Segment]
     latency_s: float  # from the moment the utterance was known to be over to this event
+    language: str | None = None  # the stream's, or the one detected in the utterance (None: nothing was decoded)
 
 
 @dataclass(frozen=True)
@@ -106,10 +107,11 @@ class VoiceActivity:
 class StreamEngine:
     """What every session shares: the pipeline, the VAD model and the thread that runs it."""
 
-    def __init__(self, pipeline: Pipeline, config: StreamPolicy, window_options: Callable[[StreamOptions, str | None, str | None], WindowOptions]):
+    def __init__(self, pipeline: Pipeline, config: StreamPolicy,
+                 window_options: Callable[[StreamOptions, str | None, str | None, bool], WindowOptions]):
         self.pipeline = pipeline
         self.config = config
-        self.window_options = window_options  # (stream options, prompt text, forced prefix) -> what the decoder is given
+        self.window_options = window_options  # (stream options, prompt text, forced prefix, final?) -> what the decoder is given
         self.vad_model = SileroVAD.load()
         # one thread: VAD costs 0.16 ms per 32 ms chunk, and must not take both cores from the model
         self._vad_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad")
@@ -344,7 +346,8 @@ class StreamSession:
                           prefix: list[str] | None = None) -> Transcript:
         """``prefix``: settled committed words (see :meth:`_settled`) the transcript is made to begin with:
         only the rest of the utterance is decoded."""
-        options = self.engine.window_options(self.options, self._prompt(), " ".join(prefix) if prefix else None)
+        options = self.engine.window_options(self.options, self._prompt(), " ".join(prefix) if prefix else None,
+                                             priority is Priority.FINAL)
         return await self.engine.pipeline.transcribe(audio, options, priority, submitted)
 
     async def _run_step(self, step: _Step) -> Transcript | None:
@@ -407,7 +410,7 @@ class StreamSession:
         text = " ".join(s.text for s in segments)
         self.previous_text.extend(text.split())
         self.emit(Final(span.utterance, text, self._seconds(span.start), end_s, reason, segments,
-                        time.monotonic() - requested_at))
+                        time.monotonic() - requested_at, transcript.language if transcript is not None else self.options.language))
 
 
 def _shifted(segment: Segment, offset_s: float) -> Segment:

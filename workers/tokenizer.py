@@ -6,6 +6,113 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+TASKS = ("transcribe", "translate")
+# openai-whisper's names of the language codes (whisper/tokenizer.py): OpenAI's verbose_json names the language
+LANGUAGES = {
+    "en": "english",
+    "zh": "chinese",
+    "de": "german",
+    "es": "spanish",
+    "ru": "russian",
+    "ko": "korean",
+    "fr": "french",
+    "ja": "japanese",
+    "pt": "portuguese",
+    "tr": "turkish",
+    "pl": "polish",
+    "ca": "catalan",
+    "nl": "dutch",
+    "ar": "arabic",
+    "sv": "swedish",
+    "it": "italian",
+    "id": "indonesian",
+    "hi": "hindi",
+    "fi": "finnish",
+    "vi": "vietnamese",
+    "he": "hebrew",
+    "uk": "ukrainian",
+    "el": "greek",
+    "ms": "malay",
+    "cs": "czech",
+    "ro": "romanian",
+    "da": "danish",
+    "hu": "hungarian",
+    "ta": "tamil",
+    "no": "norwegian",
+    "th": "thai",
+    "ur": "urdu",
+    "hr": "croatian",
+    "bg": "bulgarian",
+    "lt": "lithuanian",
+    "la": "latin",
+    "mi": "maori",
+    "ml": "malayalam",
+    "cy": "welsh",
+    "sk": "slovak",
+    "te": "telugu",
+    "fa": "persian",
+    "lv": "latvian",
+    "bn": "bengali",
+    "sr": "serbian",
+    "az": "azerbaijani",
+    "sl": "slovenian",
+    "kn": "kannada",
+    "et": "estonian",
+    "mk": "macedonian",
+    "br": "breton",
+    "eu": "basque",
+    "is": "icelandic",
+    "hy": "armenian",
+    "ne": "nepali",
+    "mn": "mongolian",
+    "bs": "bosnian",
+    "kk": "kazakh",
+    "sq": "albanian",
+    "sw": "swahili",
+    "gl": "galician",
+    "mr": "marathi",
+    "pa": "punjabi",
+    "si": "sinhala",
+    "km": "khmer",
+    "sn": "shona",
+    "yo": "yoruba",
+    "so": "somali",
+    "af": "afrikaans",
+    "oc": "occitan",
+    "ka": "georgian",
+    "be": "belarusian",
+    "tg": "tajik",
+    "sd": "sindhi",
+    "gu": "gujarati",
+    "am": "amharic",
+    "yi": "yiddish",
+    "lo": "lao",
+    "uz": "uzbek",
+    "fo": "faroese",
+    "ht": "haitian creole",
+    "ps": "pashto",
+    "tk": "turkmen",
+    "nn": "nynorsk",
+    "mt": "maltese",
+    "sa": "sanskrit",
+    "lb": "luxembourgish",
+    "my": "myanmar",
+    "bo": "tibetan",
+    "tl": "tagalog",
+    "mg": "malagasy",
+    "as": "assamese",
+    "tt": "tatar",
+    "haw": "hawaiian",
+    "ln": "lingala",
+    "ha": "hausa",
+    "ba": "bashkir",
+    "jw": "javanese",
+    "su": "sundanese",
+    "yue": "cantonese",
+}
+
+LANGUAGE_CODES = {name: code for code, name in LANGUAGES.items()}
+
 
 class WhisperTokenizer:
     def __init__(self, path: Path, n_vocab: int):
@@ -30,20 +137,36 @@ class WhisperTokenizer:
             raise ValueError(f"tokenizer.json has no {token}: not a Whisper tokenizer")
         return token_id
 
-    def sot_sequence(self, language: str | None) -> list[int]:
-        if not self.multilingual:
+    def sot_sequence(self, language: str | None, task: str = "transcribe") -> list[int]:
+        """The prompt's start-of-transcript sequence. A multilingual model given no language gets start-of-transcript
+        alone: the decoder detects the language there and feeds it, then ``task`` (see BatchDecoder.add)."""
+        if not self.multilingual or language is None:
             return [self.sot]
-        language_token = self._tokenizer.token_to_id(f"<|{language or 'en'}|>")
-        if language_token is None:
+        return [self.sot, self.language_token(language), self.task_token(task)]
+
+    def language_token(self, language: str) -> int:
+        token = self._tokenizer.token_to_id(f"<|{language}|>")
+        if token is None or not self.sot < token < self.translate:
             raise ValueError(f"the model has no language {language!r}")
-        return [self.sot, language_token, self.transcribe]
+        return token
+
+    def task_token(self, task: str) -> int:
+        return {"transcribe": self.transcribe, "translate": self.translate}[task]
+
+    @property
+    def language_tokens(self) -> range:
+        """Token ids of the languages: in Whisper's vocabulary they follow start-of-transcript."""
+        return range(self.sot + 1, self.translate)
 
     @property
     def languages(self) -> list[str]:
         """The language codes the model knows: in Whisper's vocabulary their tokens follow start-of-transcript."""
         if not self.multilingual:
             return ["en"]
-        return [self._tokenizer.id_to_token(i)[2:-2] for i in range(self.sot + 1, self.translate)]
+        return [self.language_code(token) for token in self.language_tokens]
+
+    def language_code(self, token: int) -> str:
+        return self._tokenizer.id_to_token(token)[2:-2]
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids

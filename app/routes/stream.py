@@ -45,7 +45,7 @@ class StartMessage(BaseModel):
     type: Literal["start"] = "start"
     sample_rate: int = Field(16000, ge=8000, le=192000)
     encoding: Literal["pcm_s16le", "pcm_f32le"] = "pcm_s16le"
-    language: str = Field("en", max_length=16)
+    language: str | None = Field(None, max_length=16)  # unset: en, or detected per utterance by a multilingual model
     interim_results: bool = True
     endpoint_silence_ms: int | None = Field(None, ge=100, le=10_000)
     word_timestamps: bool = False
@@ -133,7 +133,7 @@ class StreamConnection:
                 self.service.webhook.offer(stream_final_payload(self.id, self.served.name, event.utterance, event.text,
                                                                 event.start, event.end, event.reason))
             final = {"type": "final", "utterance": event.utterance, "text": event.text, "start": event.start,
-                     "end": event.end, "reason": event.reason,
+                     "end": event.end, "reason": event.reason, "language": event.language,
                      "segments": [{"start": s.start, "end": s.end, "text": s.text} for s in event.segments]}
             if self.start.word_timestamps:
                 final["words"] = [word_json(w) for s in event.segments for w in s.words or []]
