@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-CHROMIUM := /usr/bin/chromium
+# Debian's packages that tests run: headless Chromium (tests/test_browser.py) and Prometheus 2.42 (tests/test_prometheus.py)
+DEBIAN_TOOLS := /usr/bin/chromium /usr/bin/prometheus
 
 .PHONY: run test bench
 
@@ -16,11 +17,11 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(PY) -m app
 
-# tests/test_browser.py drives Debian's headless Chromium; installed once (CI runs as root on a fresh machine)
-$(CHROMIUM):
-	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null
+# installed once, together (a grouped target: one apt-get for both; CI runs as root on a fresh machine)
+$(DEBIAN_TOOLS) &:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium prometheus >/dev/null
 
-test: $(STAMP) $(CHROMIUM)
+test: $(STAMP) $(DEBIAN_TOOLS)
 	$(PY) -m pytest
 
 bench: $(STAMP)

@@ -20,6 +20,8 @@ from allocator.profiler import Profile, StageProfiler, StageStats
 
 log = logging.getLogger(__name__)
 
+ACTIONS = ("grow", "shrink", "hold")  # a Decision's action; hold: the bottleneck could not be given more
+
 
 @dataclass(frozen=True)
 class AllocatorPolicy:
@@ -35,7 +37,7 @@ class AllocatorPolicy:
 class Decision:
     at: float  # unix time
     stage: str
-    action: str  # grow | shrink | hold (the bottleneck could not be given more)
+    action: str  # one of ACTIONS
     workers_before: int
     workers_after: int
     pressure: float

@@ -13,7 +13,9 @@ import asyncio
 import io
 import struct
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import av
 import numpy as np
@@ -200,7 +202,32 @@ class AudioDecoder:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
-PCM_ENCODINGS = {"pcm_s16le": (np.dtype("<i2"), 32768.0), "pcm_f32le": (np.dtype("<f4"), 1.0)}
+def _g711_table(law: str) -> np.ndarray:
+    """The 256 linear values of G.711 mu-law or A-law bytes (ITU-T G.711, as ffmpeg's pcm_mulaw / pcm_alaw
+    decode them), as float32 in [-1, 1]."""
+    code = np.arange(256, dtype=np.int32) ^ (0xFF if law == "mulaw" else 0x55)  # both laws send their bits inverted
+    exponent, mantissa = (code >> 4) & 7, code & 0x0F
+    if law == "mulaw":
+        magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84
+        negative = code & 0x80 != 0
+    else:
+        magnitude = np.where(exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0))
+        negative = code & 0x80 == 0
+    return (np.where(negative, -magnitude, magnitude) / 32768.0).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class PcmEncoding:
+    dtype: np.dtype  # of one sample as sent
+    to_float: Callable[[np.ndarray], np.ndarray]  # samples as sent -> float32 in [-1, 1]
+
+
+PCM_ENCODINGS = {
+    "pcm_s16le": PcmEncoding(np.dtype("<i2"), lambda samples: samples.astype(np.float32) / 32768.0),
+    "pcm_f32le": PcmEncoding(np.dtype("<f4"), lambda samples: samples.astype(np.float32)),
+    "pcm_mulaw": PcmEncoding(np.dtype("u1"), _g711_table("mulaw").__getitem__),  # G.711, telephony's 8 kHz
+    "pcm_alaw": PcmEncoding(np.dtype("u1"), _g711_table("alaw").__getitem__),
+}
 
 
 class PcmStream:
@@ -211,7 +238,7 @@ class PcmStream:
     """
 
     def __init__(self, encoding: str, sample_rate: int):
-        self.dtype, self.scale = PCM_ENCODINGS[encoding]
+        self.encoding = PCM_ENCODINGS[encoding]
         self.sample_rate = sample_rate
         self.carry = b""
         self.samples_in = 0
@@ -223,9 +250,10 @@ class PcmStream:
 
     def decode(self, data: bytes) -> np.ndarray:
         data = self.carry + data
-        whole = len(data) // self.dtype.itemsize * self.dtype.itemsize
+        size = self.encoding.dtype.itemsize
+        whole = len(data) // size * size
         self.carry = data[whole:]
-        audio = np.frombuffer(data[:whole], dtype=self.dtype).astype(np.float32) / self.scale
+        audio = self.encoding.to_float(np.frombuffer(data[:whole], dtype=self.encoding.dtype))
         # a float stream may carry NaN, infinities or values past full scale; they must not reach the model
         audio = np.clip(np.nan_to_num(audio, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
         return self._resample(audio)

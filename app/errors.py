@@ -26,6 +26,7 @@ class APIError(Exception):
         return JSONResponse(error_body(self.code, self.message), self.status, headers=self.headers)
 
 
+INTERNAL_ERROR = APIError(500, "internal_error", "the server failed on this request; it has been logged")
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
 
 
@@ -55,4 +56,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return JSONResponse(error_body("internal_error", "the server failed on this request; it has been logged"), 500)
+        return INTERNAL_ERROR.response()

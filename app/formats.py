@@ -1,7 +1,9 @@
-"""Transcript renderings: the service's JSON, and OpenAI's json, text, srt, vtt and verbose_json."""
+"""Transcript renderings: the service's JSON, OpenAI's json, text, srt, vtt and verbose_json, and the
+Server-Sent Events of OpenAI's streamed transcription."""
 
 from __future__ import annotations
 
+import json
 from enum import Enum
 
 from workers.engine import LANGUAGES, Segment, Transcript, WordTiming, compression_ratio
@@ -61,3 +63,20 @@ def verbose_json(t: Transcript, granularities: set[str], task: str = "transcribe
     if "word" in granularities:
         out["words"] = [{"word": w.word.strip(), "start": w.start, "end": w.end} for s in t.segments for w in s.words or []]
     return out
+
+
+AUDIO_TOKENS_PER_S = 50  # Whisper's encoder makes one state per 20 ms of audio (1500 per 30 s window): the audio's input tokens
+
+
+def sse_event(kind: str, **fields: object) -> bytes:
+    """One Server-Sent Event as OpenAI's streams send it: ``kind`` is its name and the JSON data's ``type``."""
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **fields}, ensure_ascii=False, separators=(',', ':'))}\n\n".encode()
+
+
+def token_usage(t: Transcript, prompt_tokens: int) -> dict:
+    """The ``usage`` of OpenAI's ``transcript.text.done`` (the openai SDK's type has only the ``tokens`` kind): the
+    audio's encoder states and the prompt's tokens in, the transcript's text tokens out."""
+    audio = round(t.duration_s * AUDIO_TOKENS_PER_S)
+    output = sum(len(s.tokens) for s in t.segments)
+    return {"type": "tokens", "input_tokens": audio + prompt_tokens, "output_tokens": output, "total_tokens": audio + prompt_tokens + output,
+            "input_token_details": {"audio_tokens": audio, "text_tokens": prompt_tokens}}

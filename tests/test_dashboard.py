@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +57,7 @@ class Query:
     where: str  # file and panel, variable or annotation: what a failure points at
     expr: str  # PromQL as written, Grafana variables included
     shown: tuple[str, ...] = ()  # labels of the result on display: a legend's {{label}}s, a variable's label_values
+    variable: str | None = None  # the template variable whose values the query lists
 
 
 @dataclass(frozen=True)
@@ -82,11 +83,12 @@ def exported_series(metrics_text: str) -> dict[str, set[str]]:
     return dict(series)
 
 
-def as_promql(expr: str) -> str:
-    """Grafana's variables replaced by values that parse: durations for its interval macros, a word elsewhere."""
+def as_promql(expr: str, values: Mapping[str, str] = GRAFANA_MACROS) -> str:
+    """Grafana's variables replaced by ``values`` (by default durations for its interval macros), any other by a word,
+    which parses inside a label matcher."""
     def value(match: re.Match) -> str:
         name = next(group for group in match.groups() if group)
-        return GRAFANA_MACROS.get(name, "x")
+        return values.get(name, "x")
     return GRAFANA_VARIABLE.sub(value, expr)
 
 
@@ -201,7 +203,7 @@ def dashboard_queries(path: Path) -> Iterator[Query]:
             text = variable["query"]["query"] if isinstance(variable["query"], dict) else variable["query"]
             values_of = LABEL_VALUES.match(text)
             assert values_of and values_of[1], f"{path.name}: variable {variable['name']}: only label_values(metric, label) is checked"
-            yield Query(f"{path.name}: variable ${variable['name']}", values_of[1], (values_of[2],))
+            yield Query(f"{path.name}: variable ${variable['name']}", values_of[1], (values_of[2],), variable["name"])
     for annotation in dashboard["annotations"]["list"]:
         if "expr" in annotation:
             formats = annotation.get("titleFormat", "") + annotation.get("textFormat", "")

@@ -31,6 +31,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from app.audio import PCM_ENCODINGS, PcmStream, decode_audio
+from loadtest.stream import to_pcm
 from tests.conftest import JFK, Server
 
 SAMPLE_RATE = 16000
@@ -47,8 +48,8 @@ RESAMPLER_TOLERANCE_SAMPLES = 48
 @st.composite
 def pcm_audio(draw: st.DrawFn, encoding: str) -> bytes:
     """Random samples in the encoding, sometimes followed by the first bytes of one more sample."""
-    dtype, _ = PCM_ENCODINGS[encoding]
-    elements = st.floats(-1, 1, width=32) if dtype.kind == "f" else st.integers(-32768, 32767)
+    dtype = PCM_ENCODINGS[encoding].dtype
+    elements = st.floats(-1, 1, width=32) if dtype.kind == "f" else None  # integers: any value of the type
     samples = draw(hnp.arrays(dtype, st.integers(0, MAX_SAMPLES), elements=elements))
     partial_sample = draw(st.binary(max_size=dtype.itemsize - 1))  # a stream may stop in the middle of a sample
     return samples.tobytes() + partial_sample
@@ -72,7 +73,7 @@ def decode_frames(stream: PcmStream, frames: list[bytes]) -> np.ndarray:
 
 def expected_length(data: bytes, encoding: str, sample_rate: int) -> float:
     """Samples at 16 kHz that the whole samples of ``data`` stand for."""
-    return len(data) // PCM_ENCODINGS[encoding][0].itemsize * SAMPLE_RATE / sample_rate
+    return len(data) // PCM_ENCODINGS[encoding].dtype.itemsize * SAMPLE_RATE / sample_rate
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
@@ -120,11 +121,6 @@ def test_any_bytes_give_finite_samples_within_full_scale(encoding: str, sample_r
     assert np.abs(samples).max(initial=0.0) <= 1.0, f"peak {np.abs(samples).max()}"
 
 
-def encode(samples: np.ndarray, encoding: str) -> bytes:
-    dtype, _ = PCM_ENCODINGS[encoding]
-    return (samples if dtype.kind == "f" else np.round(samples * 32767)).astype(dtype).tobytes()
-
-
 @pytest.mark.parametrize("encoding", ENCODINGS)
 @pytest.mark.parametrize("sample_rate", RESAMPLED_RATES)
 @settings(max_examples=30, deadline=None)
@@ -133,7 +129,7 @@ def encode(samples: np.ndarray, encoding: str) -> bytes:
 def test_a_stream_goes_on_after_an_utterance_is_flushed(encoding: str, sample_rate: int, utterances: list[np.ndarray]) -> None:
     # the stream route flushes at every finalize, then the client's audio goes on in the same stream
     stream = PcmStream(encoding, sample_rate)
-    total = sum(len(decode_frames(stream, [encode(samples, encoding)])) for samples in utterances)
+    total = sum(len(decode_frames(stream, [to_pcm(samples, encoding)])) for samples in utterances)
     expected = sum(len(samples) for samples in utterances) * SAMPLE_RATE / sample_rate
     assert abs(total - expected) <= len(utterances) * RESAMPLER_TOLERANCE_SAMPLES
 
@@ -292,7 +288,8 @@ def check_documented_shape(case: Case, response: Response) -> None:
         assert isinstance(error.get("code"), str) and isinstance(error.get("message"), str), response.text
     elif case.path == "/v1/audio/transcriptions" and isinstance(case.body, dict):
         response_format = case.body.get("response_format", "json")
-        assert content_type(response).startswith(FORMAT_CONTENT_TYPES[response_format]), (response_format, content_type(response))
+        expected = "text/event-stream" if case.body.get("stream") is True else FORMAT_CONTENT_TYPES[response_format]
+        assert content_type(response).startswith(expected), (response_format, content_type(response))
 
 
 @pytest.fixture(scope="module")

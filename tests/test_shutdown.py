@@ -12,6 +12,7 @@ from websockets.exceptions import InvalidStatus
 
 from app.audio import decode_audio
 from loadtest.evalset import normalize, word_error_rate
+from loadtest.realtime import play
 from loadtest.stream import StreamClient, open_stream
 from tests.conftest import JFK, JFK_TEXT, Server, wav_bytes
 from workers.engine import SAMPLE_RATE
@@ -53,6 +54,7 @@ def test_sigterm_drains_streams_and_requests_then_exits() -> None:
         async def main():
             async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
                 streams = [asyncio.create_task(StreamClient(stream_url, frame_ms=100).run_file(jfk)) for _ in range(2)]
+                realtime = asyncio.create_task(play(server.url, jfk, manual=True))  # OpenAI's protocol, nothing committed yet
                 # without context: conditioned on the same sentence said just before, Whisper skips some repeats,
                 # and this test reads the text to know each answer is whole
                 rests = [asyncio.create_task(client.post("/v1/transcribe", content=long_file, params={"condition_on_previous_text": "false"}))
@@ -64,10 +66,11 @@ def test_sigterm_drains_streams_and_requests_then_exits() -> None:
                 refused = await refusals_while_draining(server)
                 records = await asyncio.gather(*streams)
                 answers = await asyncio.gather(*rests)
+                realtime_record = await realtime
             exit_code = await asyncio.to_thread(server.process.wait, 60)
-            return records, answers, refused, exit_code, time.monotonic() - signalled
+            return records, answers, realtime_record, refused, exit_code, time.monotonic() - signalled
 
-        records, answers, (ready, rest, handshake), exit_code, exit_s = asyncio.run(main())
+        records, answers, realtime_record, (ready, rest, handshake), exit_code, exit_s = asyncio.run(main())
     finally:
         server.stop()
 
@@ -89,6 +92,10 @@ def test_sigterm_drains_streams_and_requests_then_exits() -> None:
         # about six of the eleven seconds were sent: the last final carries what was said up to the signal
         # (the words around the cut may come out differently)
         assert finals and finals[-1]["text"] and heard[:6] == JFK_TEXT.split()[:6], heard
+    # the Realtime session's uncommitted audio is committed for it by the drain: its transcript, then the close (1001)
+    [item] = realtime_record.items.values()
+    assert item.committed_at is not None and normalize(item.transcript).split()[:6] == JFK_TEXT.split()[:6], item
+    assert realtime_record.failure is not None and "1001" in realtime_record.failure
     print(f"exited {exit_s:.1f} s after SIGTERM")
     # uvicorn re-raises the signal once it has shut down cleanly, so the exit status is the signal's (143 in a shell)
     assert exit_code == -signal.SIGTERM and exit_s < 120 + 10

@@ -23,17 +23,17 @@ from configs.settings import EMBEDDED, Settings
 from workers.decoding import DecodingOptions, SearchOptions, compression_ratio, temperature_schedule
 from workers.features import SAMPLE_RATE
 from workers.jobs import Segment, WindowOptions
-from workers.pipeline import Overloaded, Pipeline, Transcript
+from workers.pipeline import FileWindow, Overloaded, Pipeline, Transcript
 from workers.runner import ModelRunner, WarmupReport, choose_device, embedded_model_path
 from workers.scheduler import Priority, Signal
 from workers.stages import ObserverGroup, StageError, StageObserver, StageSnapshot, StageStopped
 from workers.timing import WordTiming
 from workers.tokenizer import LANGUAGE_CODES, LANGUAGES, TASKS
-from workers.streaming import Event, Final, Partial, StreamError, StreamOptions, StreamSession, StreamEngine
+from workers.streaming import Event, Final, Partial, SpeechStarted, SpeechStopped, StreamError, StreamOptions, StreamSession, StreamEngine
 
 __all__ = [
-    "LANGUAGES", "MAX_BEAM_SIZE", "SAMPLE_RATE", "TASKS", "compression_ratio", "Engine", "EngineInfo", "EngineSnapshot", "Event", "Final", "OptionError", "Overloaded", "Partial", "Priority",
-    "Segment", "StageError", "StageObserver", "StageSnapshot", "StageStopped", "StreamError", "StreamOptions",
+    "LANGUAGES", "MAX_BEAM_SIZE", "SAMPLE_RATE", "TASKS", "compression_ratio", "Engine", "EngineInfo", "EngineSnapshot", "Event", "FileWindow", "Final", "OptionError", "Overloaded", "Partial", "Priority",
+    "Segment", "SpeechStarted", "SpeechStopped", "StageError", "StageObserver", "StageSnapshot", "StageStopped", "StreamError", "StreamOptions",
     "StreamSession", "Transcript", "WindowOptions", "WordTiming", "load_engine",
 ]
 
@@ -146,10 +146,13 @@ class Engine:
         return code
 
     # work
-    async def transcribe(self, audio: np.ndarray, options: WindowOptions, priority: Priority = Priority.BULK) -> Transcript:
-        """Raises :class:`Overloaded` (no room for its windows), :class:`StageError` (model work failed),
+    async def transcribe(self, audio: np.ndarray, options: WindowOptions, priority: Priority = Priority.BULK,
+                         on_window: Callable[[FileWindow], None] = lambda window: None) -> Transcript:
+        """A file's transcript: the segments of its windows (at most 30 s each), each of which ``on_window`` is
+        given, in order, as soon as it is final (it and every window before it are decoded). Raises
+        :class:`Overloaded` (no room for its windows), :class:`StageError` (model work failed),
         :class:`StageStopped` (the engine stopped first)."""
-        return await self._pipeline.transcribe(audio, options, priority)
+        return await self._pipeline.transcribe(audio, options, priority, on_window=on_window)
 
     def open_stream(self, options: StreamOptions, emit: Callable[[Event], None]) -> StreamSession:
         return self._streams.open(options, emit)
@@ -214,7 +217,7 @@ def load_engine(name: str, model_path: Path | str, settings: Settings, observer:
         # a stream's context is its earlier finals (its prompt), and an utterance is one window. An interim step
         # never falls back (the next step supersedes it), a final only with ASR_STREAM_TEMPERATURE_FALLBACK: a
         # window sampled at every temperature costs 26 decodes, which the finals behind it wait for
-        options = engine.options(stream.language, prompt, stream.tenant, prefix, beam_size=policy.search.stream_beam_size,
+        options = engine.options(stream.language, prompt, stream.tenant, prefix, beam_size=stream.beam_size or policy.search.stream_beam_size,
                                  condition_on_previous_text=False, word_timestamps=stream.word_timestamps)
         if final and policy.search.stream_fallback:
             return options

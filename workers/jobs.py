@@ -77,6 +77,9 @@ class Job:
     times: dict[str, StageTimes] = field(default_factory=dict)
     data: Any = None
     held: bool = False  # its prompt waits for the previous window's text: the decoder stage parks it until it is released
+    # the undecoded end of a window decoded before: its window, and every window after it that waits for its
+    # text, wait for it, so it goes ahead of the windows queued at its priority in each stage (it was admitted once)
+    resumed: bool = False
 
     @property
     def duration_s(self) -> float:

@@ -52,6 +52,20 @@ class Transcript:
         return " ".join(s.text for s in self.segments)
 
 
+@dataclass
+class FileWindow:
+    """One window of a file (see :func:`plan_windows`) once it is final: it and every window before it are
+    decoded, so no later result changes it (a window's prompt may be the text before it)."""
+
+    start_s: float  # in the file
+    end_s: float
+    segments: list[Segment] = field(default_factory=list)  # in order, with those of its end decoded again
+
+    @property
+    def text(self) -> str:
+        return " ".join(s.text for s in self.segments)
+
+
 class WindowRate:
     """How long the pipeline takes per window while it is busy, learned from the last windows it finished,
     and so how long a window admitted now would wait: the admission decision looks ahead with it, where the
@@ -208,18 +222,23 @@ class Pipeline:
                 job.priority = priority
 
     async def transcribe(self, audio: np.ndarray, options: WindowOptions, priority: Priority = Priority.BULK,
-                         submitted: list[Job] | None = None) -> Transcript:
+                         submitted: list[Job] | None = None, on_window: Callable[[FileWindow], None] = lambda window: None) -> Transcript:
         """Transcribe float32 16 kHz mono ``audio``; raises :class:`Overloaded` when the first queue has
         no room for its windows at its priority. Each window's job is appended to ``submitted`` (so that
-        :meth:`promote` can find them).
+        :meth:`promote` can find them), and ``on_window`` is called with each window of :func:`plan_windows`
+        as soon as it is final (it and every window before it are decoded), in order: the transcript is
+        those windows' segments.
 
         With ``options.condition_on_previous_text`` each window's prompt is the text before it (Whisper's
         long-form context): every window is still submitted at once, so the encoder works on all of them
         as soon as it can, but the decoder stage parks each one until the window before is done."""
-        windows = plan_windows(audio)
-        if not self.entry.scheduler.has_room(len(windows), priority):
-            raise Overloaded(f"{len(self.entry.scheduler)} windows are waiting; this request needs room for {len(windows)}")
-        pending: dict[asyncio.Future, tuple[Job, int, int]] = {}
+        planned = plan_windows(audio)
+        if not self.entry.scheduler.has_room(len(planned), priority):
+            raise Overloaded(f"{len(self.entry.scheduler)} windows are waiting; this request needs room for {len(planned)}")
+        windows = [FileWindow(start / SAMPLE_RATE, end / SAMPLE_RATE) for start, end in planned]
+        decoded = [False] * len(windows)  # a window is decoded once its last job (itself, or its undecoded end) is done
+        told = 0  # windows passed to on_window
+        pending: dict[asyncio.Future, tuple[Job, int, int, int]] = {}  # job, its window, the window's end, redecodes so far
         chained = options.condition_on_previous_text
         context = list(options.context)  # the text tokens the next window is conditioned on
         held: deque[Job] = deque()  # with context: windows waiting for the text before them, in order
@@ -229,32 +248,41 @@ class Pipeline:
             prompt = self.runner.prompt(context, options.language, options.task) if chained and prompted else options.prompt
             return replace(options, forced=(), prompt=prompt)
 
-        async def submit(start: int, end: int, redecodes: int, priority: Priority, hold: bool) -> None:
+        async def submit(index: int, start: int, end: int, redecodes: int, priority: Priority, hold: bool) -> None:
             # only the first window's transcript begins with the forced prefix
             job = Job(audio=audio[start:end], offset_s=start / SAMPLE_RATE, priority=priority,
-                      options=options if start == 0 else later(not hold), held=hold)
+                      options=options if start == 0 else later(not hold), held=hold, resumed=redecodes > 0)
             if submitted is not None:
                 submitted.append(job)
-            pending[job.future] = (job, end, redecodes)
+            pending[job.future] = (job, index, end, redecodes)
             if hold:
                 held.append(job)
             self.rate.started()
             job.future.add_done_callback(lambda f: self.rate.finished(not f.cancelled() and f.exception() is None))
             await self.entry.put(job)
 
-        segments: list[Segment] = []
+        def tell_final() -> None:
+            nonlocal told
+            while told < len(windows) and decoded[told]:
+                on_window(windows[told])
+                told += 1
+
         heard: dict[str, float] = {}  # seconds of audio detected in each language
         try:
-            for start, end in windows:
+            for index, (start, end) in enumerate(planned):
                 # Whisper hallucinates on silence and on clicks
                 if end - start >= MIN_WINDOW_S * SAMPLE_RATE and rms_dbfs(audio[start:end]) >= self.silence_dbfs:
-                    await submit(start, end, 0, priority, hold=chained and bool(pending))
+                    await submit(index, start, end, 0, priority, hold=chained and bool(pending))
+                else:
+                    decoded[index] = True
+            tell_final()  # the windows before the first with sound
             while pending:
                 done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
                 for future in done:
-                    job, end, redecodes = pending.pop(future)
-                    result = future.result()
-                    segments += result.segments
+                    job, index, end, redecodes = pending.pop(future)
+                    result, window = future.result(), windows[index]
+                    # a window's jobs run one after the other, each from where the one before stopped: in order
+                    window.segments += result.segments
                     if result.language is not None:
                         heard[result.language] = heard.get(result.language, 0.0) + job.duration_s
                     if chained:
@@ -263,11 +291,14 @@ class Pipeline:
                             context.clear()  # a window that took a high temperature is a poor context (faster-whisper)
                     resume = int((job.offset_s + result.covered_s) * SAMPLE_RATE)
                     if (end - resume) / SAMPLE_RATE >= MIN_REDECODE_S and redecodes < MAX_REDECODES:
-                        await submit(resume, end, redecodes + 1, job.priority, hold=False)  # promoted or not
-                    elif held:
+                        await submit(index, resume, end, redecodes + 1, job.priority, hold=False)  # promoted or not
+                        continue
+                    decoded[index] = True
+                    if held:
                         await self.decoder.release(held.popleft(), later(True))
+                tell_final()
         finally:
             for future in pending:
                 future.cancel()  # the caller has gone or a window failed: the rest is dropped, even mid-decode
-        segments.sort(key=lambda s: (s.start, s.end))
-        return Transcript(segments, len(audio) / SAMPLE_RATE, options.language or max(heard, key=heard.__getitem__, default=None))
+        return Transcript([segment for window in windows for segment in window.segments], len(audio) / SAMPLE_RATE,
+                          options.language or max(heard, key=heard.__getitem__, default=None))

@@ -147,7 +147,7 @@ class DynamicBatchScheduler(Generic[T]):
         self.changed.notify()
 
     def requeue(self, item: T, priority: Priority) -> None:
-        """Put an item that was taken back at the head of its queue, room or not: it was admitted once."""
+        """Put an item at the head of its queue, room or not: it was admitted once (taken back, or the undecoded end of a window)."""
         self._queues[priority].appendleft(_Entry(item))
         self.changed.notify()
 

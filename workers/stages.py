@@ -235,7 +235,10 @@ class Stage:
             job.fail(StageStopped(self.name))
             return
         job.mark(self.name, "enqueued")
-        await self.scheduler.put(job, job.priority)
+        if job.resumed:
+            self.scheduler.requeue(job, job.priority)
+        else:
+            await self.scheduler.put(job, job.priority)
 
     def more_coming(self) -> bool:
         return any(len(stage.scheduler) or stage.busy_workers for stage in self.upstream)

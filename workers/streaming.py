@@ -4,13 +4,13 @@ The session keeps the audio of the utterance in progress. Silero VAD marks speec
 on, every ``step_s`` of new audio the whole utterance so far is transcribed as real-time work, and the
 words on which two consecutive hypotheses agree are committed (LocalAgreement-2). A session never has
 more than one interim step in flight, so under load its step grows instead of a backlog building up.
-An utterance ends at an endpoint (``endpoint_silence_s`` of trailing silence), on ``finalize`` or
-``close``, or before it would pass ``max_utterance_s``, where it is cut at the end of the last segment
+An utterance ends at an endpoint (``endpoint_silence_s`` of trailing silence; with none, the client
+ends its turns), on ``finalize`` or ``close``, or before it would pass ``max_utterance_s``, where it is cut at the end of the last segment
 whose words are all committed. Its final is transcribed once more on the whole utterance, ahead of all
 interim work. Finals go out in order, and their text is the next utterance's decoder prompt.
 
-Nothing here knows about WebSockets: the API feeds PCM in and receives :class:`Partial`,
-:class:`Final` and :class:`StreamError` events through ``emit``.
+Nothing here knows about WebSockets: the API feeds PCM in and receives :class:`SpeechStarted`,
+:class:`Partial`, :class:`SpeechStopped`, :class:`Final` and :class:`StreamError` events through ``emit``.
 """
 
 from __future__ import annotations
@@ -46,9 +46,31 @@ class StreamOptions:
 
     language: str | None = None
     interim_results: bool = True
-    endpoint_silence_s: float = 0.6
+    endpoint_silence_s: float | None = 0.6  # None: no endpoints, the client ends each turn (finalize)
     tenant: str = ""  # whose API key opened it (see WindowOptions.tenant)
     word_timestamps: bool = False  # finals carry their words with start and end
+    vad_threshold: float | None = None  # speech probability of a speech chunk; None: the engine's
+    prefix_padding_s: float | None = None  # audio kept before the first speech chunk; None: the engine's speech pad
+    prompt: str | None = None  # the client's text before the stream's first words (names, terms); earlier finals follow it
+    beam_size: int | None = None  # beams of its windows; None: the engine's stream beam
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    """An utterance has begun: it has enough speech to be transcribed (it is followed by its SpeechStopped,
+    unless the client clears it or goes)."""
+
+    utterance: int
+    start: float  # stream seconds where it starts, its prefix padding included
+
+
+@dataclass(frozen=True)
+class SpeechStopped:
+    """An utterance is over and its final is on its way."""
+
+    utterance: int
+    end: float  # stream seconds
+    reason: str  # as its Final's
 
 
 @dataclass(frozen=True)
@@ -56,6 +78,7 @@ class Partial:
     utterance: int
     text: str  # committed words, then the tentative tail
     stable: str  # the committed words only
+    settled: str  # the first of them, which every later transcription of the utterance is made to begin with
     start: float  # stream seconds where the utterance starts
     latency_s: float  # from the step's newest audio to this event
     first: bool  # the utterance's first partial
@@ -77,9 +100,10 @@ class Final:
 class StreamError:
     code: str
     message: str
+    utterance: int | None = None  # the utterance whose final failed, if that is what failed
 
 
-Event = Partial | Final | StreamError
+Event = SpeechStarted | Partial | SpeechStopped | Final | StreamError
 
 
 class VoiceActivity:
@@ -159,7 +183,7 @@ class StreamSession:
     def __init__(self, engine: StreamEngine, options: StreamOptions, emit: Callable[[Event], None]):
         self.engine = engine
         self.config = engine.config
-        self.options = options
+        self.reconfigure(options)
         self.emit = emit
         self.vad = VoiceActivity(engine.vad_model)
         self.received = 0  # samples received: the stream's clock
@@ -169,6 +193,7 @@ class StreamSession:
         self.speaking = False
         self.utterance = 0
         self.utterance_start: int | None = None  # None: no speech since the last final
+        self.started = False  # SpeechStarted was emitted for the utterance in progress
         self.utterance_detected_at = 0.0
         self.last_speech_end = 0
         self.speech_samples = 0  # in the utterance in progress
@@ -182,6 +207,14 @@ class StreamSession:
         self.finals: list[asyncio.Task] = []  # in utterance order; each emits after the one before
         self.aborted = False
 
+    def reconfigure(self, options: StreamOptions) -> None:
+        """The client's options, or new ones mid-stream (its language, prompt, turn detection): they apply
+        from the next chunk and the next transcription on."""
+        self.options = options
+        self.vad_threshold = options.vad_threshold or self.config.vad_threshold
+        pad_s = options.prefix_padding_s if options.prefix_padding_s is not None else self.config.speech_pad_s
+        self.prefix_pad = int(pad_s * SAMPLE_RATE)
+
     def _seconds(self, sample: int) -> float:
         return round(sample / SAMPLE_RATE, 3)
 
@@ -193,23 +226,27 @@ class StreamSession:
         self.buffer = np.concatenate([self.buffer, audio])
         self.received += len(audio)
         probabilities = await self.engine.run_vad(self.vad, audio)
-        config, pad = self.config, self._pad
+        config, threshold = self.config, self.vad_threshold
         for probability in probabilities:
             start, end = self.vad_position, self.vad_position + CHUNK_SAMPLES
             self.vad_position = end
-            if probability >= config.vad_threshold:
+            if probability >= threshold:
                 if self.utterance_start is None:
-                    self.utterance_start = max(self.buffer_start, start - pad)
+                    self.utterance_start = max(self.buffer_start, start - self.prefix_pad)
                     self.utterance_detected_at = time.monotonic()
                 self.speaking = True
                 self.last_speech_end = end
                 self.speech_samples += CHUNK_SAMPLES
-            elif probability < config.vad_threshold - 0.15:  # hysteresis, as silero's own iterator
+            elif probability < threshold - 0.15:  # hysteresis, as silero's own iterator
                 self.speaking = False
+        if self.utterance_start is not None and not self.started and self.speech_samples >= config.min_speech_s * SAMPLE_RATE:
+            self.started = True
+            self.emit(SpeechStarted(self.utterance, self._seconds(self.utterance_start)))
         if self.utterance_start is not None:
             silence = (self.received - self.last_speech_end) / SAMPLE_RATE
-            if not self.speaking and silence >= self.options.endpoint_silence_s:
-                self._end_utterance(min(self.received, self.last_speech_end + pad), "endpoint")
+            endpoint = self.options.endpoint_silence_s
+            if not self.speaking and endpoint is not None and silence >= endpoint:
+                self._end_utterance(min(self.received, self.last_speech_end + self._trailing_pad), "endpoint")
             elif self.received >= (limit := self.utterance_start + int(config.max_utterance_s * SAMPLE_RATE)):
                 # a frame may carry the utterance past its limit: the rest starts the next one
                 self._end_utterance(self._committed_boundary() or limit, "max_length")
@@ -217,7 +254,8 @@ class StreamSession:
         self._kick()
 
     @property
-    def _pad(self) -> int:
+    def _trailing_pad(self) -> int:
+        """Audio kept after the last speech chunk."""
         return int(self.config.speech_pad_s * SAMPLE_RATE)
 
     def finalize(self, reason: str = "finalize") -> None:
@@ -226,6 +264,13 @@ class StreamSession:
             self._end_utterance(self.received, reason)
         elif reason == "finalize":
             self._submit_final(_Step(self.utterance, self.received, self.received), reason, None)
+
+    def clear(self) -> None:
+        """Forget the audio not yet ended as an utterance (the client takes it back): no final for it."""
+        self._cancel_step()
+        self._reset_utterance(None)
+        self.speaking = False
+        self.buffer, self.buffer_start = np.zeros(0, dtype=np.float32), self.received
 
     async def close(self) -> None:
         """Finish: the last final, then return once every event is out."""
@@ -260,6 +305,7 @@ class StreamSession:
                 break
         if step is None:
             self._cancel_step()
+        self.emit(SpeechStopped(self.utterance, self._seconds(end), reason))
         # past a length cut, committed words may lie beyond the cut: only a whole utterance starts with them
         self._submit_final(_Step(self.utterance, start, end), reason, step, self._settled(end) if reason != "max_length" else [])
         # a cut at max length leaves the speech after the cut to the next utterance
@@ -273,7 +319,7 @@ class StreamSession:
     def _reset_utterance(self, start: int | None) -> None:
         self.utterance_start, self.speech_samples = start, 0
         self.hypothesis, self.committed, self.segments = [], [], []
-        self.first_partial_sent, self.last_step = False, None
+        self.first_partial_sent, self.last_step, self.started = False, None, False
 
     def _submit_final(self, span: _Step, reason: str, covering: _Step | None, prefix: list[str] | None = None) -> None:
         audio = None if span.start == span.end else self._audio(span.start, span.end)
@@ -316,15 +362,14 @@ class StreamSession:
         """Keep the utterance in progress, or only the padding before speech may start."""
         keep_from = self.utterance_start
         if keep_from is None:
-            keep_from = max(self.buffer_start, self.received - self._pad)
+            keep_from = max(self.buffer_start, self.received - self.prefix_pad)
         if keep_from > self.buffer_start:
             self.buffer = self.buffer[keep_from - self.buffer_start :]
             self.buffer_start = keep_from
 
     def _prompt(self) -> str | None:
-        if not self.config.prompt_previous_text or not self.previous_text:
-            return None
-        return " ".join(self.previous_text)
+        previous = list(self.previous_text) if self.config.prompt_previous_text else []
+        return " ".join([self.options.prompt, *previous] if self.options.prompt else previous) or None
 
     def _kick(self) -> None:
         """Start an interim step if one is due and none is in flight."""
@@ -340,7 +385,7 @@ class StreamSession:
             return True
         # the speech has paused long enough to pad it: transcribe it now, so that if the pause turns
         # out to be an endpoint its final is (nearly) ready
-        return not self.speaking and self.received >= self.last_speech_end + self._pad > covered
+        return not self.speaking and self.received >= self.last_speech_end + self._trailing_pad > covered
 
     async def _transcribe(self, audio: np.ndarray, priority: Priority, submitted: list | None = None,
                           prefix: list[str] | None = None) -> Transcript:
@@ -381,7 +426,8 @@ class StreamSession:
         first = not self.first_partial_sent
         self.first_partial_sent = True
         latency = time.monotonic() - (self.utterance_detected_at if first else submitted)
-        self.emit(Partial(step.utterance, text, " ".join(self.committed), self._seconds(step.start), latency, first))
+        self.emit(Partial(step.utterance, text, " ".join(self.committed), " ".join(self._settled(step.end)),
+                          self._seconds(step.start), latency, first))
 
     async def _run_final(self, span: _Step, reason: str, audio: np.ndarray | None, covering: _Step | None,
                          prefix: list[str], before: asyncio.Task | None, requested_at: float) -> None:
@@ -397,7 +443,7 @@ class StreamSession:
             if before is not None:
                 await asyncio.wait([before])
             code = "overloaded" if isinstance(exc, Overloaded) else "final_failed"
-            self.emit(StreamError(code, f"utterance {span.utterance} could not be transcribed: {exc}"))
+            self.emit(StreamError(code, f"utterance {span.utterance} could not be transcribed: {exc}", span.utterance))
             return
         if before is not None:
             await asyncio.wait([before])  # finals go out in utterance order

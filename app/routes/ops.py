@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from configs.settings import OPENAI_MODEL_NAMES
 
 router = APIRouter(tags=["operations"])
 
@@ -34,9 +35,12 @@ async def metrics(request: Request) -> Response:
 @router.get("/v1/models", summary="The models served: pass one's id as `model` to choose it (OpenAI's list format)")
 async def models(request: Request) -> JSONResponse:
     service = request.app.state.service
-    default = service.settings.default_model_name
-    return JSONResponse({"object": "list", "data": [{**served.describe(), "default": name == default}
-                                                    for name, served in service.models.items()]})
+    settings = service.settings
+    aliases = [*settings.model_aliases, *(n for n in OPENAI_MODEL_NAMES if n not in settings.model_aliases)]
+    return JSONResponse({"object": "list", "data": [
+        {**served.describe(), "default": name == settings.default_model_name,
+         "aliases": [alias for alias in aliases if settings.model_name(alias) == name]}
+        for name, served in service.models.items()]})
 
 
 @router.get("/v1/pipeline", summary="The operator's view of one model's pipeline: each stage's pool, queue, latency, utilization and pressure; the bottleneck, budgets and the allocator's last decisions")

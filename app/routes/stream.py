@@ -36,6 +36,7 @@ router = APIRouter(tags=["streaming"])
 CLOSE_NORMAL, CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_INTERNAL = 1000, 1001, 1008, 1009, 1011
 RATE_BURST_S = 2.0  # the message-rate limit is an average over this long
 CLOCK_SLACK_S = 0.01  # asyncio may wake a timeout this much early
+PROMPT_MAX_CHARS = 2000  # the decoder keeps its last 223 tokens anyway
 
 
 class StartMessage(BaseModel):
@@ -44,8 +45,9 @@ class StartMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["start"] = "start"
     sample_rate: int = Field(16000, ge=8000, le=192000)
-    encoding: Literal["pcm_s16le", "pcm_f32le"] = "pcm_s16le"
+    encoding: Literal["pcm_s16le", "pcm_f32le", "pcm_mulaw", "pcm_alaw"] = "pcm_s16le"
     language: str | None = Field(None, max_length=16)  # unset: en, or detected per utterance by a multilingual model
+    prompt: str | None = Field(None, max_length=PROMPT_MAX_CHARS)  # text before the stream's first words (names, terms)
     interim_results: bool = True
     endpoint_silence_ms: int | None = Field(None, ge=100, le=10_000)
     word_timestamps: bool = False
@@ -73,7 +75,12 @@ def parse_start(data: dict, service: Service) -> tuple[StartMessage, ServedModel
 
 
 class StreamConnection:
-    """One client: reads its messages, feeds its session, and is the only writer to its socket."""
+    """One client: reads its messages, feeds its session, and is the only writer to its socket.
+
+    This class speaks the service's own protocol; :class:`app.routes.realtime.RealtimeConnection` speaks
+    OpenAI's over the same limits, session and lifecycle, by overriding what is said on the wire:
+    ``greeting``, ``error_message``, ``farewell``, ``emit``, ``stream_options``, ``audio_format``,
+    ``_binary`` and ``_control``."""
 
     def __init__(self, websocket: WebSocket, service: Service, start: StartMessage, served: ServedModel, client: str):
         self.websocket = websocket
@@ -111,6 +118,26 @@ class StreamConnection:
                 "interim_results": self.start.interim_results, "endpoint_silence_ms": endpoint_ms,
                 "word_timestamps": self.start.word_timestamps}
 
+    def stream_options(self) -> StreamOptions:
+        options = self.options()
+        return StreamOptions(language=options["language"], interim_results=options["interim_results"],
+                             endpoint_silence_s=options["endpoint_silence_ms"] / 1000, tenant=tenant_of(self.websocket.scope),
+                             word_timestamps=options["word_timestamps"], prompt=self.start.prompt)
+
+    def audio_format(self) -> tuple[str, int]:
+        """(PCM encoding, sample rate) of the audio the client sends."""
+        return self.start.encoding, self.start.sample_rate
+
+    def greeting(self) -> dict:
+        return {"type": "ready", "session_id": self.id, **self.options()}
+
+    def farewell(self, reason: str) -> dict | None:
+        """The last message before the close frame."""
+        return {"type": "closed", "reason": reason}
+
+    def error_message(self, code: str, message: str) -> dict:
+        return {"type": "error", "code": code, "message": message}
+
     def send(self, message: dict) -> None:
         if len(self.outbox) >= self.settings.stream_max_pending_messages:
             self._too_slow.set()
@@ -119,19 +146,25 @@ class StreamConnection:
         self._outbox_changed.set()
 
     def error(self, code: str, message: str) -> None:
-        self.send({"type": "error", "code": code, "message": message})
+        self.send(self.error_message(code, message))
 
-    def emit(self, event: Event) -> None:
-        """Session events -> wire messages (and latency metrics)."""
+    def observe(self, event: Event) -> None:
+        """What any protocol does with a session event besides saying it: latency metrics, the final's webhook."""
         if isinstance(event, Partial):
             (self.metrics.first_partial_latency if event.first else self.metrics.partial_latency).labels(self.served.name).observe(event.latency_s)
-            self.send({"type": "partial", "utterance": event.utterance, "text": event.text, "stable": event.stable,
-                       "start": event.start})
         elif isinstance(event, Final):
             self.metrics.final_latency.labels(self.served.name).observe(event.latency_s)
             if self.service.webhook is not None:
                 self.service.webhook.offer(stream_final_payload(self.id, self.served.name, event.utterance, event.text,
                                                                 event.start, event.end, event.reason))
+
+    def emit(self, event: Event) -> None:
+        """Session events -> wire messages."""
+        self.observe(event)
+        if isinstance(event, Partial):
+            self.send({"type": "partial", "utterance": event.utterance, "text": event.text, "stable": event.stable,
+                       "start": event.start})
+        elif isinstance(event, Final):
             final = {"type": "final", "utterance": event.utterance, "text": event.text, "start": event.start,
                      "end": event.end, "reason": event.reason, "language": event.language,
                      "segments": [{"start": s.start, "end": s.end, "text": s.text} for s in event.segments]}
@@ -143,18 +176,14 @@ class StreamConnection:
 
     def _open(self) -> StreamSession:
         if self.session is None:
-            options = self.options()
-            self.pcm = PcmStream(options["encoding"], options["sample_rate"])
-            self.session = self.served.engine.open_stream(
-                StreamOptions(language=options["language"], interim_results=options["interim_results"],
-                              endpoint_silence_s=options["endpoint_silence_ms"] / 1000, tenant=tenant_of(self.websocket.scope),
-                              word_timestamps=options["word_timestamps"]), self.emit)
+            self.pcm = PcmStream(*self.audio_format())
+            self.session = self.served.engine.open_stream(self.stream_options(), self.emit)
         return self.session
 
     async def run(self) -> None:
         self.task = asyncio.current_task()
         sender = asyncio.create_task(self._send_loop())
-        self.send({"type": "ready", "session_id": self.id, **self.options()})
+        self.send(self.greeting())
         reason, code, finish_work = "internal_error", CLOSE_INTERNAL, True
         try:
             reason, code = await self._receive_loop()
@@ -177,8 +206,8 @@ class StreamConnection:
                 except (TimeoutError, asyncio.CancelledError):
                     session.abort()
         self.metrics.stream_sessions.labels(reason).inc()
-        if code is not None:
-            self.outbox.append({"type": "closed", "reason": reason})  # past the bound: the last word is always sent
+        if code is not None and (last := self.farewell(reason)) is not None:
+            self.outbox.append(last)  # past the bound: the last word is always sent
         self._closing_outbox = True
         self._outbox_changed.set()
         # a client that does not read would hold its sender (and this connection) forever
@@ -217,9 +246,8 @@ class StreamConnection:
                 if too_slow.done():
                     receiving.cancel()
                     self.outbox.clear()  # the client is not reading them; what it gets is why it is closed
-                    self.outbox.append({"type": "error", "code": "client_too_slow", "message":
-                                        f"over {settings.stream_max_pending_messages} messages are waiting for this client to read them "
-                                        "(ASR_STREAM_MAX_PENDING_MESSAGES); read the socket as fast as the server writes"})
+                    self.outbox.append(self.error_message("client_too_slow", f"over {settings.stream_max_pending_messages} messages are waiting for this "
+                                                          "client to read them (ASR_STREAM_MAX_PENDING_MESSAGES); read the socket as fast as the server writes"))
                     return "client_too_slow", CLOSE_POLICY
                 if not receiving.done():
                     receiving.cancel()
@@ -260,10 +288,13 @@ class StreamConnection:
             self.error("frame_too_large", f"a message of {size} bytes is over the limit of {settings.stream_max_frame_bytes} (ASR_STREAM_MAX_FRAME_BYTES); send smaller frames")
             return "frame_too_large", CLOSE_TOO_BIG
         if data is not None:
-            await self._audio(data)
+            await self._binary(data)
         elif text is not None and await self._control(text):
             return "client_close", CLOSE_NORMAL
         return None
+
+    async def _binary(self, data: bytes) -> None:
+        await self._audio(data)
 
     async def _audio(self, data: bytes) -> None:
         session = self._open()
@@ -308,7 +339,7 @@ class StreamConnection:
         return False
 
 
-async def _refuse(websocket: WebSocket, error: APIError) -> None:
+async def refuse(websocket: WebSocket, error: APIError) -> None:
     """Refuse the handshake with an HTTP response and a JSON reason."""
     await websocket.send_denial_response(error.response())
 
@@ -323,7 +354,16 @@ def _origin_refused(websocket: WebSocket, service: Service) -> APIError | None:
     return APIError(403, "origin_not_allowed", f"streams are not open to pages on {origin[:100]} (ASR_CORS_ORIGINS)")
 
 
-def _admission(websocket: WebSocket, service: Service, client: str) -> APIError | None:
+async def admit(websocket: WebSocket, service: Service) -> str | None:
+    """The client a new stream (of either protocol) counts for; None once its handshake is refused."""
+    client = client_identity(websocket.scope, keyed=bool(service.settings.api_keys))
+    if (refused := _refusal(websocket, service, client)) is not None:
+        await refuse(websocket, refused)
+        return None
+    return client
+
+
+def _refusal(websocket: WebSocket, service: Service, client: str) -> APIError | None:
     settings = service.settings
     if (unavailable := service.unavailable()) is not None:
         service.metrics.rejected.labels(unavailable.code).inc()
@@ -341,26 +381,28 @@ def _admission(websocket: WebSocket, service: Service, client: str) -> APIError 
     return None
 
 
-@router.websocket("/v1/stream")
-async def stream(websocket: WebSocket) -> None:
-    service: Service = websocket.app.state.service
-    client = client_identity(websocket.scope, keyed=bool(service.settings.api_keys))
-    if (refused := _admission(websocket, service, client)) is not None:
-        await _refuse(websocket, refused)
-        return
-    try:
-        # api_key is the authentication middleware's business, not a stream option
-        start, served = parse_start({k: v for k, v in websocket.query_params.items() if k != "api_key"}, service)
-    except BadOptions as exc:
-        await _refuse(websocket, APIError(400, "bad_options", f"stream options rejected: {exc}"))
-        return
-    except APIError as not_found:
-        await _refuse(websocket, not_found)
-        return
-    connection = StreamConnection(websocket, service, start, served, client)
+async def serve(websocket: WebSocket, service: Service, connection: StreamConnection) -> None:
+    """Accept an admitted stream and run it to its end; its slot is held throughout."""
     service.stream_opened(connection)  # the slot is taken before the first await
     try:
         await websocket.accept()
         await connection.run()
     finally:
         service.stream_closed(connection)
+
+
+@router.websocket("/v1/stream")
+async def stream(websocket: WebSocket) -> None:
+    service: Service = websocket.app.state.service
+    if (client := await admit(websocket, service)) is None:
+        return
+    try:
+        # api_key is the authentication middleware's business, not a stream option
+        start, served = parse_start({k: v for k, v in websocket.query_params.items() if k != "api_key"}, service)
+    except BadOptions as exc:
+        await refuse(websocket, APIError(400, "bad_options", f"stream options rejected: {exc}"))
+        return
+    except APIError as not_found:
+        await refuse(websocket, not_found)
+        return
+    await serve(websocket, service, StreamConnection(websocket, service, start, served, client))
