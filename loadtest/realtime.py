@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.evalset import DEFAULT_MANIFEST, load_rows, percentile, word_error_rate
-from loadtest.harness import free_port, target_server, wav_bytes, write_json
+from loadtest.evalset import DEFAULT_MANIFEST, load_rows, word_error_rate
+from loadtest.harness import free_port, seconds, spread, target_server, wav_bytes, write_json
 from loadtest.rest import positive_int
 from loadtest.stream import decode_file, non_negative_float, to_pcm
 
@@ -216,10 +215,6 @@ async def rest_texts(url: str, files: list[tuple[Path, np.ndarray]], api_key: st
     return texts
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    return round(percentile(values, q), 3) if values else None
-
-
 def summarize(records: list[RealtimeRecord], references: list[str], rest: list[str] | None) -> Json:
     completion = [v for r in records for v in r.completion_latencies()]
     first_delta = [v for r in records for v in r.first_delta_latencies()]
@@ -230,21 +225,21 @@ def summarize(records: list[RealtimeRecord], references: list[str], rest: list[s
         "errors": sum(len(r.errors) for r in records), "revised": sum(r.revised() for r in records),
         "wer": round(word_error_rate(references, [r.hypothesis for r in records]), 4),
         "rest_wer": None if rest is None else round(word_error_rate(references, rest), 4),
-        "completion_latency_s": {"p50": _pct(completion, 50), "p95": _pct(completion, 95), "max": round(max(completion), 3) if completion else None},
-        "first_delta_after_speech_started_s": {"p50": _pct(first_delta, 50), "p95": _pct(first_delta, 95)},
+        "completion_latency": spread(completion),
+        "first_delta_after_speech_started": spread(first_delta),
     }
 
 
 def format_summary(summary: Json, dialect: str, manual: bool) -> str:
-    c, d = summary["completion_latency_s"], summary["first_delta_after_speech_started_s"]
+    c, d = summary["completion_latency"], summary["first_delta_after_speech_started"]
     mode = "manual commits" if manual else "server VAD"
     rest = "n/a" if summary["rest_wer"] is None else f"{summary['rest_wer']:.2%}"
     return "\n".join([
         f"realtime ({dialect}, {mode}): {summary['files']} files, {summary['items']} items, {summary['sessions_failed']} sessions failed, "
         f"{summary['items_failed']} items failed, {summary['errors']} error events, {summary['revised']} revised",
         f"WER {summary['wer']:.2%} (REST on the same files: {rest})",
-        f"completion latency p50 {c['p50']} s, p95 {c['p95']} s, max {c['max']} s",
-        f"first delta after speech_started p50 {d['p50']} s, p95 {d['p95']} s",
+        f"completion latency p50 {seconds(c['p50_s'])} s, p95 {seconds(c['p95_s'])} s, max {seconds(c['max_s'])} s",
+        f"first delta after speech_started p50 {seconds(d['p50_s'])} s, p95 {seconds(d['p95_s'])} s",
     ])
 
 

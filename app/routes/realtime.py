@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import logging
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Literal
@@ -33,7 +32,6 @@ from app.service import ServedModel, Service
 from workers.engine import (SAMPLE_RATE, Event, Final, OptionError, Partial, SpeechStarted, SpeechStopped, StreamError,
                             StreamOptions)
 
-log = logging.getLogger(__name__)
 router = APIRouter(tags=["streaming"])
 
 Dialect = Literal["ga", "beta"]
