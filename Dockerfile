@@ -12,8 +12,11 @@ ARG TORCH_VERSION=2.11.0
 # What both images share: how the server runs, is checked and stops.
 FROM ${PYTHON_IMAGE} AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    ASR_HOST=0.0.0.0 ASR_PORT=8000
-RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin asr
+    ASR_HOST=0.0.0.0 ASR_PORT=8000 ASR_DATA_DIR=/var/lib/asr
+RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin asr \
+    && mkdir -p /var/lib/asr && chown 10001:10001 /var/lib/asr
+# durable jobs (SQLite and their audio): mount a volume here to keep them across containers
+VOLUME /var/lib/asr
 WORKDIR /srv
 EXPOSE 8000
 # Liveness only: /healthz answers while the model loads; readiness (/readyz) is the orchestrator's business

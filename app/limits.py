@@ -95,17 +95,21 @@ class BodyTooLarge(HTTPException):
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    """``max_bytes`` per request body, or for a path of ``per_path`` its own (a durable job's upload may be hours long)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, per_path: dict[str, int] | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.per_path = per_path or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.per_path.get(scope["path"], self.max_bytes)
         declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await refuse_before_body(APIError(413, "payload_too_large", _message(self.max_bytes)), receive, send)
+        if declared.isdigit() and int(declared) > limit:
+            await refuse_before_body(APIError(413, "payload_too_large", _message(limit)), receive, send)
             return
         received = 0
 
@@ -114,8 +118,8 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
+                if received > limit:
+                    raise BodyTooLarge(limit)
             return message
 
         await self.app(scope, counting_receive, send)

@@ -14,7 +14,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from app.auth import ApiKeyAuth
 from app.errors import install_error_handlers
 from app.limits import Admission, BodySizeLimit, ClientRateLimit
-from app.routes import ops, page, realtime, stream, transcribe
+from app.routes import jobs, ops, page, realtime, stream, transcribe
 from app.service import Service
 from configs import Settings
 from configs.settings import comma_list
@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="ASR service", version="0.1.0", lifespan=lifespan,
                   description="Streaming and batch speech recognition on a self-tuning four-stage Whisper pipeline.")
     app.state.service = service
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_upload_bytes, per_path={"/v1/jobs": settings.job_max_upload_bytes})
     app.add_middleware(Admission, service=service)
     service.metrics.watch_endpoints(Admission.PATHS)
     if settings.client_max_requests_per_s:  # inside the keys: a caller without one is refused before it spends a request
@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(transcribe.router)
     app.include_router(stream.router)
     app.include_router(realtime.router)
+    app.include_router(jobs.router)
     app.include_router(ops.router)
     app.include_router(page.router)
     return app

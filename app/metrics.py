@@ -22,10 +22,12 @@ FALLBACK_TEMPERATURES = (0.2, 0.4, 0.6, 0.8, 1.0)  # openai-whisper's schedule a
 # The fixed label values, exported from the start so that a panel shows zeros, not "No data", until the event happens.
 WEBHOOK_OUTCOMES = ("delivered", "failed", "dropped")
 REJECTION_REASONS = ("loading", "model_failed", "shutting_down", "decoders_busy", "backlog", "queue_full", "client_gone",  # app.limits, app.routes
-                     "client_rate", "origin_not_allowed", "streams_full", "client_streams_full")
+                     "client_rate", "origin_not_allowed", "streams_full", "client_streams_full", "jobs_full")
 STREAM_END_REASONS = ("client_close", "client_gone", "idle_timeout", "no_audio", "session_too_long", "rate_limited",  # app.routes.stream
                       "frame_too_large", "client_too_slow", "server_shutdown", "internal_error")
-AUDIO_SOURCES = ("rest", "stream")
+AUDIO_SOURCES = ("rest", "stream", "job")
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")  # app.jobs.store
+JOB_WEBHOOK_OUTCOMES = ("delivered", "retried", "failed")  # app.jobs.webhooks
 # A transcription endpoint's answers that the dashboard tells apart: done, overloaded, failed, unavailable.
 WATCHED_STATUSES = ("200", "429", "500", "503")
 
@@ -60,8 +62,13 @@ class Metrics:
         self.partial_latency = Histogram("asr_stream_partial_latency_seconds", "From an interim step's newest audio to its partial.", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.final_latency = Histogram("asr_stream_final_latency_seconds", "From the end of an utterance (endpoint, finalize, close) to its final.", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.realtime_revisions = Counter("asr_realtime_revised_transcripts", "Realtime items whose completed transcript does not begin with the words already sent as deltas (the final decode revised a committed word).", ["model"], registry=r)
+        self.jobs = Gauge("asr_jobs", "Durable jobs in the store, by status (read from the store every few seconds).", ["status"], registry=r)
+        self.job_queue_age = Gauge("asr_job_queue_age_seconds", "How long the oldest queued job has waited to run (0: none waits).", registry=r)
+        self.job_windows = Counter("asr_job_windows", "Windows of durable jobs transcribed and stored (none twice, across restarts).", registry=r)
+        self.job_webhook_deliveries = Counter("asr_job_webhook_deliveries", "Job webhook attempts by outcome: delivered, retried (failed, tried again later), failed (the last attempt failed).", ["outcome"], registry=r)
         for counter, values in ((self.webhook_deliveries, WEBHOOK_OUTCOMES), (self.rejected, REJECTION_REASONS),
-                                (self.stream_sessions, STREAM_END_REASONS)):
+                                (self.stream_sessions, STREAM_END_REASONS), (self.jobs, JOB_STATUSES),
+                                (self.job_webhook_deliveries, JOB_WEBHOOK_OUTCOMES)):
             for value in values:
                 counter.labels(value)
         self._models: dict[str, tuple[Callable[[], EngineSnapshot], Callable[[], Profile]]] = {}

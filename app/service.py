@@ -14,6 +14,8 @@ from allocator.greedy import AllocatorPolicy, GreedyAllocator
 from allocator.profiler import PressureWeights, StageProfiler
 from app.audio import AudioDecoder
 from app.errors import APIError
+from app.jobs.lane import JobLane
+from app.jobs.store import StoreUnavailable
 from app.metrics import Metrics, StageMetrics
 from app.webhook import WebhookOutbox, validate_webhook_url
 from configs import Settings
@@ -50,7 +52,8 @@ class ServedModel:
         """Its entry in GET /v1/models (OpenAI's fields first); no paths, which would name this machine's files."""
         info = self.engine.info()
         return {"id": self.name, "object": "model", "created": int(self.loaded_at), "owned_by": "asr-service",
-                "device": info.device, "dtype": info.dtype, "multilingual": info.multilingual, "dims": info.dims,
+                "device": info.device, "dtype": info.dtype, "multilingual": info.multilingual, "languages": list(info.languages),
+                "dims": info.dims, "sha256": info.weights_sha256,
                 "budget": {"cpu_slots": self.allocator.policy.cpu_slots, "gpu_slots": self.allocator.policy.gpu_slots}}
 
     async def stop(self) -> None:
@@ -65,6 +68,8 @@ class Service:
     metrics: Metrics = field(default_factory=Metrics)
     models: dict[str, ServedModel] = field(default_factory=dict)  # by name, as each finishes loading
     webhook: WebhookOutbox | None = None
+    jobs: JobLane | None = None  # once the job store is open
+    jobs_unavailable: str | None = None  # why it could not be opened (the job API answers 503 with it)
     stream_connections: set[LiveStream] = field(default_factory=set)
     requests_in_flight: int = 0  # admitted REST requests not yet answered
     transcriptions: set[asyncio.Future] = field(default_factory=set)  # their pipeline work
@@ -113,6 +118,13 @@ class Service:
             raise APIError(404, "model_not_found", f"no model {name!r}; this server serves {', '.join(self.settings.models)} (GET /v1/models)")
         return served
 
+    def job_engine(self, name: str) -> Engine | None:
+        """The engine a stored job names: None while it loads; KeyError if it is not served (any more)."""
+        if name not in self.settings.models:
+            raise KeyError(f"the model {name} is not served by this server (ASR_MODELS)")
+        served = self.models.get(name)
+        return None if served is None else served.engine
+
     # who is in: a drain waits for both to reach zero
     def request_started(self) -> None:
         self.requests_in_flight += 1
@@ -141,6 +153,11 @@ class Service:
         self.metrics.watch_streams(self.stream_connections, lambda: sum(m.engine.snapshot().streams_open for m in self.models.values()))
         if self.webhook is not None:
             self.webhook.start()
+        try:
+            self.jobs = await JobLane.open(self.settings, self.metrics, self.job_engine)
+        except StoreUnavailable as exc:  # the rest of the service goes on; restarting would not mend it
+            self.jobs_unavailable = str(exc)
+            log.error("the job API is unavailable: %s", exc)
         for name, spec in self.settings.models.items():
             try:
                 self.models[name] = await self._serve(name, spec)
@@ -184,6 +201,8 @@ class Service:
         send its last final and close with 1001, and let admitted requests finish; at most ``timeout_s``,
         or until :meth:`cut_drain`."""
         self.draining = True
+        if self.jobs is not None:  # running jobs stop here and resume, from their last window, at the next start
+            await self.jobs.stop()
         connections = list(self.stream_connections)
         log.info("draining: %d streams, %d requests in flight", len(connections), self.requests_in_flight)
         for connection in connections:
@@ -212,6 +231,8 @@ class Service:
         for connection in connections:
             connection.abort()
         await asyncio.gather(*(c.task for c in connections if c.task is not None), return_exceptions=True)
+        if self.jobs is not None:
+            await self.jobs.close()
         models, self.models = list(self.models.values()), {}
         for served in models:
             await served.stop()

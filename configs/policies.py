@@ -26,6 +26,7 @@ class StagePolicy:
     reserved_final: int  # of which only stream finals may take
     reserved_realtime: int  # ... and only finals and interim steps
     bulk_share: float
+    job_share: float
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def resolve_engine_policy(settings: Settings, on_gpu: bool) -> EnginePolicy:
 
     def stage(workers: int, max_workers: int, batch: int, wait_ms: float) -> StagePolicy:
         return StagePolicy(workers, max(workers, max_workers), batch, wait_ms, max(s.queue_capacity, batch),
-                           s.queue_reserved_final_windows, s.queue_reserved_realtime_windows, s.bulk_share)
+                           s.queue_reserved_final_windows, s.queue_reserved_realtime_windows, s.bulk_share, s.job_share)
 
     stages = {
         "features": stage(s.features_workers, s.cpu_stage_max_workers, 1, 0.0),

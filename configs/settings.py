@@ -143,6 +143,7 @@ class BatchingSettings(BaseModel):
     admission_max_waiting: int = Field(64, ge=1, description="REST requests are refused with 429 before their body is read while more windows than this wait in the stage queues.")
     admission_max_wait_s: float = Field(10.0, gt=0, description="... or while the windows in flight would take longer than this to finish at the rate the pipeline has been finishing them (so an admitted request waits about this long at most before its own work).")
     bulk_share: float = Field(0.2, ge=0, le=1, description="Share of each stage's batch slots kept for REST work while live streams keep the stage busy, so bulk work is never starved.")
+    job_share: float = Field(0.1, ge=0, le=1, description="Share of each stage's batch slots kept for durable jobs' windows while REST work keeps the stage busy (they never pass live streams' work).")
     queue_capacity: int = Field(256, ge=1, description="Most windows waiting in front of each stage; a full queue pushes back on the stage before it, and REST requests are refused with 429 once the first one has no room for bulk work.")
     queue_reserved_final_windows: int = Field(32, ge=0, description="Of each stage's queue, room only stream finals may take: bulk work and interim steps can never leave a final without room (Triton's per-priority queue policy).")
     queue_reserved_realtime_windows: int = Field(32, ge=0, description="Of each stage's queue, room only finals and interim steps may take; bulk work fills at most ASR_QUEUE_CAPACITY less both reserves.")
@@ -188,7 +189,9 @@ class StreamSettings(BaseModel):
     stream_vad_threshold: float = Field(0.5, gt=0, lt=1, description="Silero VAD speech probability above which a 32 ms chunk is speech.")
     stream_max_utterance_s: float = Field(25.0, ge=5, le=29, description="An utterance still going on at this length is cut at its last committed segment and finalized.")
     stream_beam_size: int = Field(1, ge=1, le=16, description="Beams of a stream's windows (interim steps and finals: a final may reuse the step that covers it); 1: greedy, the fastest final.")
-    realtime_beam_size: int = Field(5, ge=1, le=16, description="Beams of a Realtime session's windows (OpenAI's protocol, /v1/realtime): its clients expect the accuracy of OpenAI's transcription, and one session's finals stay within 0.8 s at p95 with 5.")
+    realtime_beam_size: int = Field(5, ge=1, le=16, description="Beams of a Realtime session's finals and of its steps at pauses, which become finals at an endpoint (OpenAI's protocol, /v1/realtime; its other interim steps take ASR_STREAM_BEAM_SIZE): its clients expect the accuracy of OpenAI's transcription, and one session's finals stay within 0.8 s at p95 with 5.")
+    realtime_temperature_fallback: bool = Field(True, description="A Realtime item's transcript that fails Whisper's quality rules (a loop, a low log-probability) is decoded again at the next temperature, as REST windows are (ASR_STREAM_TEMPERATURE_FALLBACK is the same for /v1/stream).")
+    realtime_context_s: float = Field(10.0, ge=0, le=25, description="Seconds of a Realtime session's earlier items heard with each new one, their transcripts forced as its start: server VAD cuts turns at short pauses, and an item decoded alone loses what led up to it (0: each item alone).")
     stream_temperature_fallback: bool = Field(False, description="Decode a stream's final again at higher temperatures when it fails the quality rules, as a file's windows are (interim steps never are: the next step supersedes them). Off by default: a final sampled at every temperature costs 26 decodes, and 8 real-time streams' last-final p95 went from 1.38 to 1.71 s with it, for a WER within run-to-run noise.")
     stream_prompt_previous_text: bool = Field(True, description="Give the decoder the text of the stream's earlier finals as its prompt.")
     stream_prompt_words: int = Field(100, ge=1, le=200, description="Words of the stream's earlier finals kept as that prompt (a 4-hour stream keeps no more).")
@@ -198,14 +201,32 @@ class StreamSettings(BaseModel):
     stream_send_timeout_s: float = Field(5.0, gt=0, description="When a stream closes: longest the server waits for the client to take its last messages and the close frame.")
 
 
+class JobSettings(BaseModel):
+    """Durable jobs (/v1/jobs): where they are kept, how many run, what they may hold, their webhooks."""
+
+    data_dir: str = Field("data", description="Directory of the job store: jobs.sqlite3 (SQLite, WAL) and each job's audio under audio/. Mount a volume here to keep jobs across restarts.")
+    job_concurrency: int = Field(1, ge=1, le=64, description="Jobs transcribed at once; the rest wait in order of submission.")
+    job_lookahead_windows: int = Field(2, ge=1, le=64, description="Windows of one job in the stages at once: a long job never fills the queues live work needs.")
+    job_retention_s: float = Field(7 * 86400.0, gt=0, description="Finished jobs (and their results) are deleted this long after they end.")
+    job_max_queued: int = Field(1000, ge=1, description="Jobs that may wait to run; past it POST /v1/jobs answers 429 with Retry-After.")
+    job_max_disk_bytes: int = Field(20 * 1024**3, gt=0, description="Audio bytes the job store may hold (16-bit PCM: 115 MB per hour); past it POST /v1/jobs answers 429 with Retry-After.")
+    job_max_upload_bytes: int = Field(1024**3, gt=0, description="Largest body of POST /v1/jobs (other routes keep ASR_MAX_UPLOAD_BYTES).")
+    job_max_audio_s: float = Field(4 * 3600.0, gt=0, description="Longest audio of a job, in seconds (413 past it).")
+    job_decode_timeout_s: float = Field(600.0, gt=0, description="Longest the decoding of a job's upload may take (400 decode_timeout past it).")
+    job_webhook_secret: str = Field("", description="HMAC-SHA256 key of job webhooks' ASR-Signature header; with ASR_JOB_WEBHOOK_ALLOWED_HOSTS, turns job webhooks on.")
+    job_webhook_allowed_hosts: str = Field("", description="Comma-separated host names a job's webhook_url may name (nothing else is ever contacted); empty: job webhooks are off.")
+    job_webhook_timeout_s: float = Field(10.0, gt=0, description="Longest one webhook attempt may take.")
+    job_webhook_max_attempts: int = Field(8, ge=1, le=20, description="Attempts per job webhook, 1, 2, 4 ... s apart (at most 300 s).")
+
+
 class Settings(BaseSettings, ServerSettings, ModelSettings, ConnectionSettings, UploadSettings, StagePoolSettings, AllocatorSettings,
-               WebhookSettings, BatchingSettings, DecodingSettings, AccessSettings, StreamSettings):
+               WebhookSettings, BatchingSettings, DecodingSettings, AccessSettings, StreamSettings, JobSettings):
     """Every setting, one group per concern (the groups are only for reading: each setting is still
     ASR_<NAME>)."""
 
     model_config = SettingsConfigDict(env_prefix="ASR_", env_file=".env", extra="ignore", frozen=True)
 
-    GROUPS: ClassVar[tuple[type[BaseModel], ...]] = (ServerSettings, ModelSettings, ConnectionSettings, UploadSettings, StagePoolSettings, AllocatorSettings, WebhookSettings, BatchingSettings, DecodingSettings, AccessSettings, StreamSettings)
+    GROUPS: ClassVar[tuple[type[BaseModel], ...]] = (ServerSettings, ModelSettings, ConnectionSettings, UploadSettings, StagePoolSettings, AllocatorSettings, WebhookSettings, BatchingSettings, DecodingSettings, AccessSettings, StreamSettings, JobSettings)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

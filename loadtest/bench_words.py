@@ -33,7 +33,6 @@ from workers.features import SAMPLE_RATE
 from workers.packing import PackingMode, first_fit
 from workers.postprocess import PostProcessor
 from workers.runner import ModelRunner, embedded_model_path
-from workers.stages import ObserverGroup
 
 
 class _Quiet:

@@ -6,8 +6,9 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -38,12 +39,14 @@ class Quiet:
 class Server:
     """A real server process; ``url`` is its base URL."""
 
-    def __init__(self, cwd: Path = ROOT, **settings: str):
+    def __init__(self, cwd: Path = ROOT, preexec_fn: Callable[[], None] | None = None, **settings: str):
+        settings.setdefault("data_dir", tempfile.mkdtemp(prefix="asr-jobs-"))  # each server its own job store
+        self.data_dir = Path(settings["data_dir"])
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "ASR_HOST": "127.0.0.1", "ASR_PORT": str(self.port), "ASR_LOG_LEVEL": "warning",
                **{f"ASR_{k.upper()}": v for k, v in settings.items()}}
-        self.process = subprocess.Popen([sys.executable, "-m", "app"], cwd=cwd, env=env)  # the package is installed: any cwd works
+        self.process = subprocess.Popen([sys.executable, "-m", "app"], cwd=cwd, env=env, preexec_fn=preexec_fn)  # the package is installed: any cwd works
 
     def wait_ready(self, timeout_s: float = 180) -> None:
         deadline = time.monotonic() + timeout_s

@@ -91,6 +91,28 @@ def test_bulk_keeps_its_share_under_steady_live_load() -> None:
     assert taken[:3] == ["live0", "live1", "live2"]
 
 
+def test_job_windows_keep_their_share_ahead_of_bulk_work_but_never_pass_live_work() -> None:
+    """Job windows go last; with a job share of 0.25 every fourth item taken while bulk work waits is a job
+    window, but one never goes before a waiting interim step, whatever its credit."""
+
+    async def main():
+        s = DynamicBatchScheduler(BatchPolicy(max_batch_size=1, max_wait_ms=0, capacity=100, job_share=0.25))
+        for i in range(3):
+            await s.put(f"job{i}", Priority.JOB)
+        taken = []
+        for i in range(8):  # bulk work never runs dry
+            await s.put(f"bulk{i}", Priority.BULK)
+            taken += await s.next_batch()
+        for i in range(8):  # now live work: no job window passes it, however much credit the lane holds
+            await s.put(f"live{i}", Priority.REALTIME)
+            taken += await s.next_batch()
+        return taken
+
+    taken = run(main())
+    assert [i for i, item in enumerate(taken) if item.startswith("job")] == [3, 7]
+    assert all(item.startswith("live") for item in taken[8:])
+
+
 def test_no_bulk_share_means_strict_priority() -> None:
     async def main():
         s = DynamicBatchScheduler(BatchPolicy(max_batch_size=4, max_wait_ms=0, capacity=100))

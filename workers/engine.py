@@ -10,9 +10,10 @@ pool resizing for the allocator, and its lifecycle: :meth:`Engine.start`, :meth:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from configs.settings import EMBEDDED, Settings
 from workers.decoding import DecodingOptions, SearchOptions, compression_ratio, temperature_schedule
 from workers.features import SAMPLE_RATE
 from workers.jobs import Segment, WindowOptions
-from workers.pipeline import FileWindow, Overloaded, Pipeline, Transcript
+from workers.pipeline import FileWindow, Overloaded, Pipeline, Transcript, plan_windows
 from workers.runner import ModelRunner, WarmupReport, choose_device, embedded_model_path
 from workers.scheduler import Priority, Signal
 from workers.stages import ObserverGroup, StageError, StageObserver, StageSnapshot, StageStopped
@@ -61,6 +62,7 @@ class EngineInfo:
     dims: dict
     warmup_encoder_s: float  # one 30 s window through the encoder, measured at load
     warmup_decoder_s: float  # ... and decoded
+    weights_sha256: str  # of the model's model.bin: which weights a stored job was transcribed with
 
 
 @dataclass(frozen=True)
@@ -94,12 +96,13 @@ class EngineSnapshot:
 
 class Engine:
     def __init__(self, name: str, runner: ModelRunner, policy: EnginePolicy, warmup: WarmupReport, streams: StreamEngine,
-                 pipeline: Pipeline, observers: ObserverGroup):
+                 pipeline: Pipeline, observers: ObserverGroup, weights_sha256: str):
         self.name = name
         self._policy = policy
         self._runner, self._pipeline, self._streams, self._observers = runner, pipeline, streams, observers
         self._info = EngineInfo(name, runner.device.type, str(runner.dtype).removeprefix("torch."), runner.tokenizer.multilingual,
-                                tuple(runner.tokenizer.languages), asdict(runner.model.dims), warmup.encoder_s, warmup.decoder_s)
+                                tuple(runner.tokenizer.languages), asdict(runner.model.dims), warmup.encoder_s, warmup.decoder_s,
+                                weights_sha256)
         self._stages = {stage.name: stage for stage in pipeline.stages}
         self._idle = Signal()  # notified whenever a window finishes: a drain waits on it
         pipeline.rate.on_finished = self._idle.notify
@@ -147,12 +150,19 @@ class Engine:
 
     # work
     async def transcribe(self, audio: np.ndarray, options: WindowOptions, priority: Priority = Priority.BULK,
-                         on_window: Callable[[FileWindow], None] = lambda window: None) -> Transcript:
+                         on_window: Callable[[FileWindow], None] = lambda window: None, done: Sequence[FileWindow] = (),
+                         lookahead: int | None = None) -> Transcript:
         """A file's transcript: the segments of its windows (at most 30 s each), each of which ``on_window`` is
-        given, in order, as soon as it is final (it and every window before it are decoded). Raises
+        given, in order, as soon as it is final (it and every window before it are decoded). ``done``: its first
+        windows, final from an earlier run, which are not transcribed again (a durable job resumed: the same
+        audio and options); ``lookahead``: at most this many of its windows in the stages at once. Raises
         :class:`Overloaded` (no room for its windows), :class:`StageError` (model work failed),
-        :class:`StageStopped` (the engine stopped first)."""
-        return await self._pipeline.transcribe(audio, options, priority, on_window=on_window)
+        :class:`StageStopped` (the engine stopped first), ValueError (``done`` is not this audio's)."""
+        return await self._pipeline.transcribe(audio, options, priority, on_window=on_window, done=done, lookahead=lookahead)
+
+    def plan(self, audio: np.ndarray) -> list[tuple[float, float]]:
+        """The windows (start and end, in seconds) :meth:`transcribe` cuts ``audio`` into."""
+        return [(start / SAMPLE_RATE, end / SAMPLE_RATE) for start, end in plan_windows(audio)]
 
     def open_stream(self, options: StreamOptions, emit: Callable[[Event], None]) -> StreamSession:
         return self._streams.open(options, emit)
@@ -194,6 +204,14 @@ class Engine:
         await self._pipeline.stop()
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as weights:
+        while chunk := weights.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def load_engine(name: str, model_path: Path | str, settings: Settings, observer: StageObserver) -> Engine:
     """Load, warm and wire one model (blocking: run it off the event loop) from a CTranslate2 Whisper
     directory or 'embedded'. The engine's policies are resolved here, once, for the device the model
@@ -213,16 +231,19 @@ def load_engine(name: str, model_path: Path | str, settings: Settings, observer:
     pipeline = Pipeline(runner, policy, observers, seconds_per_window=warmup.encoder_s + warmup.decoder_s)
     engine: Engine | None = None
 
-    def window_options(stream: StreamOptions, prompt: str | None, prefix: str | None, final: bool) -> WindowOptions:
-        # a stream's context is its earlier finals (its prompt), and an utterance is one window. An interim step
-        # never falls back (the next step supersedes it), a final only with ASR_STREAM_TEMPERATURE_FALLBACK: a
-        # window sampled at every temperature costs 26 decodes, which the finals behind it wait for
-        options = engine.options(stream.language, prompt, stream.tenant, prefix, beam_size=stream.beam_size or policy.search.stream_beam_size,
+    def window_options(stream: StreamOptions, prompt: str | None, prefix: str | None, kind: str) -> WindowOptions:
+        # a stream's context is its earlier finals (its prompt), and an utterance is one window. ``kind``: interim,
+        # pause (a step at a pause in the speech, which becomes the final if the pause is an endpoint) or final.
+        # The stream's beams are for what may be a final; a step the next one supersedes takes the stream beam.
+        # An interim step never falls back, a final only with ASR_STREAM_TEMPERATURE_FALLBACK (or the stream's
+        # own choice): a window sampled at every temperature costs 26 decodes, which the finals behind it wait for
+        beams = (stream.beam_size if kind != "interim" else None) or policy.search.stream_beam_size
+        options = engine.options(stream.language, prompt, stream.tenant, prefix, beam_size=beams,
                                  condition_on_previous_text=False, word_timestamps=stream.word_timestamps)
-        if final and policy.search.stream_fallback:
+        if kind == "final" and (policy.search.stream_fallback if stream.final_fallback is None else stream.final_fallback):
             return options
         return replace(options, search=replace(options.search, temperatures=options.search.temperatures[:1]))
 
     streams = StreamEngine(pipeline, policy.stream, window_options)
-    engine = Engine(name, runner, policy, warmup, streams, pipeline, observers)
+    engine = Engine(name, runner, policy, warmup, streams, pipeline, observers, file_sha256(model_dir / "model.bin"))
     return engine

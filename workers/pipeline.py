@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -60,6 +60,8 @@ class FileWindow:
     start_s: float  # in the file
     end_s: float
     segments: list[Segment] = field(default_factory=list)  # in order, with those of its end decoded again
+    language: str | None = None  # detected in it, when its request gave none
+    context: tuple[int, ...] = ()  # with condition_on_previous_text: the text tokens the window after it is prompted with
 
     @property
     def text(self) -> str:
@@ -169,7 +171,7 @@ def build_stages(runner: ModelRunner, post: PostProcessor, policies: dict[str, S
         return [post.window_result(job.data, job.duration_s, job.offset_s) for job in jobs]
 
     def batching(p: StagePolicy) -> BatchPolicy:
-        return BatchPolicy(p.max_batch_size, p.max_wait_ms, p.capacity, p.bulk_share, p.reserved_final, p.reserved_realtime)
+        return BatchPolicy(p.max_batch_size, p.max_wait_ms, p.capacity, p.bulk_share, p.job_share, p.reserved_final, p.reserved_realtime)
 
     f, a, d, p = (policies[name] for name in ("features", "acoustic", "decoder", "post"))
     stages = [
@@ -222,7 +224,8 @@ class Pipeline:
                 job.priority = priority
 
     async def transcribe(self, audio: np.ndarray, options: WindowOptions, priority: Priority = Priority.BULK,
-                         submitted: list[Job] | None = None, on_window: Callable[[FileWindow], None] = lambda window: None) -> Transcript:
+                         submitted: list[Job] | None = None, on_window: Callable[[FileWindow], None] = lambda window: None,
+                         done: Sequence[FileWindow] = (), lookahead: int | None = None) -> Transcript:
         """Transcribe float32 16 kHz mono ``audio``; raises :class:`Overloaded` when the first queue has
         no room for its windows at its priority. Each window's job is appended to ``submitted`` (so that
         :meth:`promote` can find them), and ``on_window`` is called with each window of :func:`plan_windows`
@@ -231,16 +234,26 @@ class Pipeline:
 
         With ``options.condition_on_previous_text`` each window's prompt is the text before it (Whisper's
         long-form context): every window is still submitted at once, so the encoder works on all of them
-        as soon as it can, but the decoder stage parks each one until the window before is done."""
+        as soon as it can, but the decoder stage parks each one until the window before is done.
+
+        ``done``: the first windows, final from an earlier run (a job resumed after a restart): they are not
+        transcribed again, and the next one's context is the last one's. ``lookahead``: at most this many
+        windows in the stages at once (a long job's do not fill the queues); unset: all of them."""
         planned = plan_windows(audio)
-        if not self.entry.scheduler.has_room(len(planned), priority):
-            raise Overloaded(f"{len(self.entry.scheduler)} windows are waiting; this request needs room for {len(planned)}")
-        windows = [FileWindow(start / SAMPLE_RATE, end / SAMPLE_RATE) for start, end in planned]
-        decoded = [False] * len(windows)  # a window is decoded once its last job (itself, or its undecoded end) is done
-        told = 0  # windows passed to on_window
+        if any(round(w.start_s * SAMPLE_RATE) != start or round(w.end_s * SAMPLE_RATE) != end for w, (start, end) in zip(done, planned)) \
+                or len(done) > len(planned):
+            raise ValueError("the windows done before are not this audio's")
+        wanted = len(planned) - len(done) if lookahead is None else min(lookahead, len(planned) - len(done))
+        if not self.entry.scheduler.has_room(wanted, priority):
+            raise Overloaded(f"{len(self.entry.scheduler)} windows are waiting; this request needs room for {wanted}")
+        windows = [*done, *(FileWindow(start / SAMPLE_RATE, end / SAMPLE_RATE) for start, end in planned[len(done) :])]
+        decoded = [index < len(done) for index in range(len(windows))]  # a window is decoded once its last job (itself, or its undecoded end) is done
+        told = len(done)  # windows passed to on_window
+        submitted_to = len(done)  # the next window to submit
+        open_windows = 0  # submitted and not decoded
         pending: dict[asyncio.Future, tuple[Job, int, int, int]] = {}  # job, its window, the window's end, redecodes so far
         chained = options.condition_on_previous_text
-        context = list(options.context)  # the text tokens the next window is conditioned on
+        context = list(done[-1].context if done else options.context)  # the text tokens the next window is conditioned on
         held: deque[Job] = deque()  # with context: windows waiting for the text before them, in order
 
         def later(prompted: bool) -> WindowOptions:
@@ -261,6 +274,19 @@ class Pipeline:
             job.future.add_done_callback(lambda f: self.rate.finished(not f.cancelled() and f.exception() is None))
             await self.entry.put(job)
 
+        async def submit_more() -> None:
+            nonlocal submitted_to, open_windows
+            while submitted_to < len(planned) and (lookahead is None or open_windows < lookahead):
+                index, (start, end) = submitted_to, planned[submitted_to]
+                submitted_to += 1
+                # Whisper hallucinates on silence and on clicks
+                if end - start >= MIN_WINDOW_S * SAMPLE_RATE and rms_dbfs(audio[start:end]) >= self.silence_dbfs:
+                    open_windows += 1
+                    await submit(index, start, end, 0, priority, hold=chained and bool(pending))
+                else:
+                    decoded[index] = True
+                    windows[index].context = tuple(context[-self.runner.options.max_prompt_tokens :]) if chained else ()
+
         def tell_final() -> None:
             nonlocal told
             while told < len(windows) and decoded[told]:
@@ -268,13 +294,11 @@ class Pipeline:
                 told += 1
 
         heard: dict[str, float] = {}  # seconds of audio detected in each language
+        for window in done:
+            if window.language is not None:
+                heard[window.language] = heard.get(window.language, 0.0) + window.end_s - window.start_s
         try:
-            for index, (start, end) in enumerate(planned):
-                # Whisper hallucinates on silence and on clicks
-                if end - start >= MIN_WINDOW_S * SAMPLE_RATE and rms_dbfs(audio[start:end]) >= self.silence_dbfs:
-                    await submit(index, start, end, 0, priority, hold=chained and bool(pending))
-                else:
-                    decoded[index] = True
+            await submit_more()
             tell_final()  # the windows before the first with sound
             while pending:
                 done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
@@ -285,6 +309,7 @@ class Pipeline:
                     window.segments += result.segments
                     if result.language is not None:
                         heard[result.language] = heard.get(result.language, 0.0) + job.duration_s
+                        window.language = window.language or result.language
                     if chained:
                         context += [token for segment in result.segments for token in segment.tokens]
                         if result.temperature > PROMPT_RESET_TEMPERATURE:
@@ -294,8 +319,11 @@ class Pipeline:
                         await submit(index, resume, end, redecodes + 1, job.priority, hold=False)  # promoted or not
                         continue
                     decoded[index] = True
+                    open_windows -= 1
+                    window.context = tuple(context[-self.runner.options.max_prompt_tokens :]) if chained else ()
                     if held:
                         await self.decoder.release(held.popleft(), later(True))
+                await submit_more()
                 tell_final()
         finally:
             for future in pending:

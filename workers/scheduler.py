@@ -3,13 +3,14 @@
 A batch closes when it reaches the target size, when its oldest item has waited ``max_wait_ms``, or
 as soon as the caller says nothing more is on its way, whichever comes first: a real deadline, not a
 polling interval. The end of an utterance goes before a stream's interim steps, which go before bulk
-work (REST files), except that ``bulk_share`` of the items taken go to bulk work ahead of interim steps
-whenever some waits: a steady stream load cannot starve a REST request forever (finals are never
-passed: there are never more of them than open streams). While finals wait, a batch holds finals only: on
+work (REST files), which goes before job windows (durable jobs), except that ``bulk_share`` of the items
+taken go to bulk work ahead of interim steps whenever some waits, and ``job_share`` to job windows ahead
+of bulk work: a steady stream load cannot starve a REST request forever, nor a REST load a job (finals are
+never passed: there are never more of them than open streams; job windows never pass live work). While finals wait, a batch holds finals only: on
 the CPU a batch costs in proportion to what it holds, so each other item in it would delay them.
 
-The queue is bounded, and room is reserved per priority (Triton's per-priority queue policy): bulk work
-may fill the queue only up to ``capacity - reserved_final - reserved_realtime``, interim steps up to
+The queue is bounded, and room is reserved per priority (Triton's per-priority queue policy): bulk work and
+job windows may fill the queue only up to ``capacity - reserved_final - reserved_realtime``, interim steps up to
 ``capacity - reserved_final``, so a burst of REST files can never leave a stream's final without room.
 ``put`` waits for room (back-pressure on the stage before), ``offer`` refuses at once.
 
@@ -35,6 +36,7 @@ class Priority(enum.IntEnum):
     FINAL = 0  # the end of a live utterance: somebody is waiting for it
     REALTIME = 1  # a live stream's interim step
     BULK = 2  # REST files
+    JOB = 3  # durable jobs: nobody waits on the line for them
 
 
 class QueueFull(Exception):
@@ -47,6 +49,7 @@ class BatchPolicy:
     max_wait_ms: float  # ... or once its oldest item has waited this long
     capacity: int  # most items waiting; beyond it put() waits and offer() refuses
     bulk_share: float = 0.0  # least share of the items taken that go to waiting bulk work
+    job_share: float = 0.0  # ... and to waiting job windows, ahead of bulk work
     reserved_final: int = 0  # room only finals may take
     reserved_realtime: int = 0  # room only finals and interim steps may take
 
@@ -60,8 +63,9 @@ class BatchPolicy:
         if self.room_for(Priority.BULK) < self.max_batch_size:
             raise ValueError(f"capacity ({self.capacity}) less the reserved room ({self.reserved_final} + {self.reserved_realtime}) "
                              f"must hold at least one batch ({self.max_batch_size})")
-        if not 0 <= self.bulk_share <= 1:
-            raise ValueError(f"bulk_share must be between 0 and 1, got {self.bulk_share}")
+        for name in ("bulk_share", "job_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
 
     def room_for(self, priority: Priority) -> int:
         """How full the queue may be once an item of ``priority`` is in it."""
@@ -115,9 +119,10 @@ class DynamicBatchScheduler(Generic[T]):
         self.packer = packer
         self._queues: dict[Priority, deque[_Entry[T]]] = {p: deque() for p in Priority}
         self.changed = Signal()  # an item came or went
-        # earned by every item taken, spent by a bulk item taken ahead of live work; capped at one so an
-        # idle bulk queue cannot bank a burst for later
-        self._bulk_credit = 0.0
+        # earned by every item taken, spent by a bulk item taken ahead of interim steps (a job window ahead of
+        # bulk work); capped at one so an idle queue cannot bank a burst for later
+        self._credit = {Priority.BULK: 0.0, Priority.JOB: 0.0}
+        self._share = {Priority.BULK: policy.bulk_share, Priority.JOB: policy.job_share}
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._queues.values())
@@ -129,7 +134,7 @@ class DynamicBatchScheduler(Generic[T]):
         heads = [q[0].enqueued for q in self._queues.values() if q]
         return time.monotonic() - min(heads) if heads else 0.0
 
-    def has_room(self, items: int = 1, priority: Priority = Priority.BULK) -> bool:
+    def has_room(self, items: int = 1, priority: Priority = Priority.JOB) -> bool:
         return len(self) + items <= self.policy.room_for(priority)
 
     async def put(self, item: T, priority: Priority) -> None:
@@ -192,7 +197,7 @@ class DynamicBatchScheduler(Generic[T]):
             if len(self):  # else another worker took it meanwhile: wait again
                 return self._take(limit)
 
-    def take_ready(self, max_items: int, lowest: Priority = Priority.BULK) -> list[T]:
+    def take_ready(self, max_items: int, lowest: Priority = Priority.JOB) -> list[T]:
         """Whatever is waiting at ``lowest`` priority or more urgent, up to ``max_items``, without waiting
         (joins a running batch)."""
         return self._take(min(max_items, self.policy.max_batch_size), lowest)
@@ -209,41 +214,42 @@ class DynamicBatchScheduler(Generic[T]):
     def _oldest_enqueued(self) -> float:
         return min(q[0].enqueued for q in self._queues.values() if q)
 
-    def _take(self, limit: int, lowest: Priority = Priority.BULK) -> list[T]:
+    def _take(self, limit: int, lowest: Priority = Priority.JOB) -> list[T]:
         """Finals alone while any wait: each other item in their batch would make it, and them, longer."""
         if self._queues[Priority.FINAL]:
             lowest = Priority.FINAL
         if self.packer is not None:
             return self._take_packed(lowest)
         batch: list[T] = []
-        queues = [q for p, q in self._queues.items() if p <= lowest]
-        while len(batch) < limit and any(queues):
-            if self._bulk_goes_first(lowest):
-                batch.append(self._queues[Priority.BULK].popleft().item)
-            else:
-                batch.append(next(q for q in queues if q).popleft().item)
+        while len(batch) < limit and any(self._queues[p] for p in Priority if p <= lowest):
+            batch.append(next(q for q in map(self._queues.__getitem__, self._order(lowest)) if q).popleft().item)
         if batch:
             self.changed.notify()  # room for whoever waits in put()
         return batch
 
-    def _bulk_goes_first(self, lowest: Priority) -> bool:
-        """Whether the next item (a packed batch: the next pass) goes to bulk work ahead of interim steps. Each
-        one taken while no final waits earns ``bulk_share`` of credit; a whole credit is spent when bulk work
-        may be taken and some waits."""
+    def _order(self, lowest: Priority) -> list[Priority]:
+        """The queues the next item (a packed batch: the next pass) is taken from, in turn: by priority, but bulk
+        work ahead of interim steps, or job windows ahead of bulk work, when it has earned its share. Each item
+        taken while no final waits earns each lane its share of credit; a whole credit is spent when the lane
+        may be taken and some of its work waits, and so does the work it passes."""
+        order = [p for p in Priority if p <= lowest]
         if lowest is Priority.FINAL:
-            return False
-        self._bulk_credit = min(1.0, self._bulk_credit + self.policy.bulk_share)
-        if lowest is Priority.BULK and self._queues[Priority.BULK] and self._bulk_credit >= 1.0:
-            self._bulk_credit -= 1.0
-            return True
-        return False
+            return order
+        for lane, share in self._share.items():
+            self._credit[lane] = min(1.0, self._credit[lane] + share)
+        for lane, passes in ((Priority.BULK, Priority.REALTIME), (Priority.JOB, Priority.BULK)):  # one lane at a time
+            if lane <= lowest and self._queues[lane] and self._queues[passes] and self._credit[lane] >= 1.0:
+                self._credit[lane] -= 1.0
+                order.remove(lane)
+                order.insert(order.index(passes), lane)
+                break
+        return order
 
     def _take_packed(self, lowest: Priority) -> list[T]:
         """Each waiting item that still fits the batch, at ``lowest`` priority or more urgent, in the order
-        :meth:`_take` would give them (bulk ahead of interim steps when it has earned its share)."""
-        order = [Priority.BULK, Priority.REALTIME] if self._bulk_goes_first(lowest) else [p for p in Priority if p <= lowest]
+        :meth:`_take` would give them (a lane ahead of the one before it when it has earned its share)."""
         batch: list[T] = []
-        for priority in order:
+        for priority in self._order(lowest):
             queue = self._queues[priority]
             for entry in list(queue):
                 if not batch or self.packer.fits([*batch, entry.item]):

@@ -371,7 +371,7 @@ class DecoderStage(Stage):
             if decoder.running or leaving:
                 # no row less urgent than the running ones joins (no interim step beside a final, no bulk row
                 # beside a stream's): each one would make every step of theirs slower
-                lowest = min((row.owner.priority for row in decoder.rows), default=Priority.BULK)
+                lowest = min((row.owner.priority for row in decoder.rows), default=Priority.JOB)
                 joining = [] if leaving else self.scheduler.take_ready(capacity - decoder.running, lowest)
             else:
                 joining = await self._wait_for_work(lambda: self._next_batch(decoder, capacity))

@@ -7,7 +7,9 @@ more than one interim step in flight, so under load its step grows instead of a 
 An utterance ends at an endpoint (``endpoint_silence_s`` of trailing silence; with none, the client
 ends its turns), on ``finalize`` or ``close``, or before it would pass ``max_utterance_s``, where it is cut at the end of the last segment
 whose words are all committed. Its final is transcribed once more on the whole utterance, ahead of all
-interim work. Finals go out in order, and their text is the next utterance's decoder prompt.
+interim work. Finals go out in order, and their text is the next utterance's decoder prompt. With
+``context_s``, the audio of the utterances before (as far back as that) goes with each transcription too,
+their finals' words forced as its start: a turn cut at a short pause is heard with what led up to it.
 
 Nothing here knows about WebSockets: the API feeds PCM in and receives :class:`SpeechStarted`,
 :class:`Partial`, :class:`SpeechStopped`, :class:`Final` and :class:`StreamError` events through ``emit``.
@@ -28,7 +30,7 @@ import numpy as np
 import torch
 
 from configs.policies import StreamPolicy
-from workers.features import SAMPLE_RATE
+from workers.features import N_SAMPLES, SAMPLE_RATE
 from workers.jobs import Segment, WindowOptions
 from workers.pipeline import Overloaded, Pipeline, Transcript
 from workers.scheduler import Priority
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 
 MIN_STEP_AUDIO_S = 0.5  # no interim step on less audio than this
 SETTLED_S = 2.0  # committed words this far from the end of the audio are forced as the next transcription's start
+# words of earlier utterances forced as a transcription's start, at most: the decoder forces no more than half its token budget
+CONTEXT_MAX_WORDS = 60
 
 
 @dataclass(frozen=True)
@@ -52,7 +56,9 @@ class StreamOptions:
     vad_threshold: float | None = None  # speech probability of a speech chunk; None: the engine's
     prefix_padding_s: float | None = None  # audio kept before the first speech chunk; None: the engine's speech pad
     prompt: str | None = None  # the client's text before the stream's first words (names, terms); earlier finals follow it
-    beam_size: int | None = None  # beams of its windows; None: the engine's stream beam
+    beam_size: int | None = None  # beams of its finals and of the steps at pauses (which may become finals); None: the engine's stream beam
+    context_s: float = 0.0  # audio of earlier utterances (this far back) heard with each one, their words forced
+    final_fallback: bool | None = None  # a final that fails Whisper's quality rules is decoded again hotter; None: the engine's
 
 
 @dataclass(frozen=True)
@@ -132,10 +138,10 @@ class StreamEngine:
     """What every session shares: the pipeline, the VAD model and the thread that runs it."""
 
     def __init__(self, pipeline: Pipeline, config: StreamPolicy,
-                 window_options: Callable[[StreamOptions, str | None, str | None, bool], WindowOptions]):
+                 window_options: Callable[[StreamOptions, str | None, str | None, str], WindowOptions]):
         self.pipeline = pipeline
         self.config = config
-        self.window_options = window_options  # (stream options, prompt text, forced prefix, final?) -> what the decoder is given
+        self.window_options = window_options  # (stream options, prompt text, forced prefix, interim|pause|final) -> what the decoder is given
         self.vad_model = SileroVAD.load()
         # one thread: VAD costs 0.16 ms per 32 ms chunk, and must not take both cores from the model
         self._vad_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vad")
@@ -168,6 +174,15 @@ def agreed_prefix(previous: list[str], current: list[str]) -> int:
 
 
 @dataclass
+class _Said:
+    """An utterance that has ended: where it lies in the stream, and once its final is out, its words."""
+
+    start: int
+    end: int
+    words: list[str] | None = None
+
+
+@dataclass
 class _Step:
     """An interim transcription of the utterance from its start to ``end`` (stream samples)."""
 
@@ -177,6 +192,8 @@ class _Step:
     task: asyncio.Task | None = None
     transcript: Transcript | None = None  # once done
     jobs: list = field(default_factory=list)  # its windows, to promote when a final waits for it
+    heard_from: int | None = None  # once done: where the audio it was transcribed on began (earlier utterances heard with it)
+    at_pause: bool = False  # started while the speech paused: if the pause is an endpoint, it is the final
 
 
 class StreamSession:
@@ -202,6 +219,7 @@ class StreamSession:
         self.segments: list[Segment] = []  # of the last hypothesis, in stream seconds
         self.first_partial_sent = False
         self.previous_text: deque[str] = deque(maxlen=self.config.prompt_words)  # the prompt's words, no more
+        self.said: deque[_Said] = deque()  # with context_s: the ended utterances whose audio is still kept, in order
         self.step: _Step | None = None  # the one interim step in flight
         self.last_step: _Step | None = None  # the utterance's latest finished step
         self.finals: list[asyncio.Task] = []  # in utterance order; each emits after the one before
@@ -271,6 +289,7 @@ class StreamSession:
         self._reset_utterance(None)
         self.speaking = False
         self.buffer, self.buffer_start = np.zeros(0, dtype=np.float32), self.received
+        self.said.clear()  # their audio is gone
 
     async def close(self) -> None:
         """Finish: the last final, then return once every event is out."""
@@ -299,13 +318,17 @@ class StreamSession:
             return
         # a step that already covers the utterance to its end is its final: no second transcription.
         # (Not at a length cut, where the step has words past the cut.)
+        # (Nor a step decoded with fewer beams than a final: only a step at a pause has the final's.)
         for candidate in (self.last_step, self.step):
-            if reason != "max_length" and candidate is not None and candidate.utterance == self.utterance and candidate.end >= end:
+            if reason != "max_length" and candidate is not None and candidate.utterance == self.utterance and candidate.end >= end \
+                    and (candidate.at_pause or self.options.beam_size is None):
                 step = candidate
                 break
         if step is None:
             self._cancel_step()
         self.emit(SpeechStopped(self.utterance, self._seconds(end), reason))
+        if self.options.context_s:
+            self.said.append(_Said(start, end))
         # past a length cut, committed words may lie beyond the cut: only a whole utterance starts with them
         self._submit_final(_Step(self.utterance, start, end), reason, step, self._settled(end) if reason != "max_length" else [])
         # a cut at max length leaves the speech after the cut to the next utterance
@@ -322,11 +345,13 @@ class StreamSession:
         self.first_partial_sent, self.last_step, self.started = False, None, False
 
     def _submit_final(self, span: _Step, reason: str, covering: _Step | None, prefix: list[str] | None = None) -> None:
-        audio = None if span.start == span.end else self._audio(span.start, span.end)
+        floor = self._context_floor(span.start, span.end)
+        audio = None if span.start == span.end else self._audio(floor, span.end)
         before = self.finals[-1] if self.finals else None
-        task = asyncio.create_task(self._run_final(span, reason, audio, covering, prefix or [], before, time.monotonic()))
+        task = asyncio.create_task(self._run_final(span, reason, audio, floor, covering, prefix or [], before, time.monotonic()))
         self.finals.append(task)
         task.add_done_callback(self.finals.remove)
+        task.add_done_callback(lambda _: self._kick())  # an interim step may have waited for it (context_s)
         self.utterance += 1
 
     def _settled(self, end: int) -> list[str]:
@@ -359,27 +384,56 @@ class StreamSession:
         return boundary
 
     def _trim(self) -> None:
-        """Keep the utterance in progress, or only the padding before speech may start."""
+        """Keep the utterance in progress, or only the padding before speech may start; and with context_s,
+        the ended utterances that begin no more than that before."""
         keep_from = self.utterance_start
         if keep_from is None:
             keep_from = max(self.buffer_start, self.received - self.prefix_pad)
+        horizon = keep_from - int(self.options.context_s * SAMPLE_RATE)
+        while self.said and self.said[0].start < horizon:
+            self.said.popleft()
+        if self.said:
+            keep_from = min(keep_from, self.said[0].start)
         if keep_from > self.buffer_start:
             self.buffer = self.buffer[keep_from - self.buffer_start :]
             self.buffer_start = keep_from
 
-    def _prompt(self) -> str | None:
-        previous = list(self.previous_text) if self.config.prompt_previous_text else []
+    def _prompt(self, heard_words: int) -> str | None:
+        """The client's prompt and the words of the earlier finals, but the last ``heard_words`` (forced instead)."""
+        previous = list(self.previous_text)[: len(self.previous_text) - heard_words] if self.config.prompt_previous_text else []
         return " ".join([self.options.prompt, *previous] if self.options.prompt else previous) or None
+
+    def _context_floor(self, start: int, end: int) -> int:
+        """Where the audio a transcription from ``start`` to ``end`` may hear begins: ``context_s`` before it,
+        within one window of its end, and still kept."""
+        if not self.options.context_s:
+            return start
+        return min(start, max(self.buffer_start, start - int(self.options.context_s * SAMPLE_RATE), end - N_SAMPLES))
+
+    def _context(self, start: int, floor: int) -> tuple[int, list[str]]:
+        """The earlier utterances heard with the one from ``start``: the latest ones before it whose finals are
+        out, beginning at ``floor`` or after, their words no more than CONTEXT_MAX_WORDS; where their audio
+        begins, and their words."""
+        begin, words = start, []
+        for said in reversed(self.said):
+            if said.start >= start:
+                continue  # itself, or after it (the one before may overlap it by its padding)
+            if not said.words or said.start < floor or len(words) + len(said.words) > CONTEXT_MAX_WORDS:
+                break  # an empty final or one still on its way is no text to force: the audio before it is not heard
+            begin, words = said.start, said.words + words
+        return begin, words
 
     def _kick(self) -> None:
         """Start an interim step if one is due and none is in flight."""
         if self.step is None and not self.aborted and self._step_due():
-            self.step = _Step(self.utterance, self.utterance_start, self.received)
+            self.step = _Step(self.utterance, self.utterance_start, self.received, at_pause=not self.speaking)
             self.step.task = asyncio.create_task(self._run_step(self.step))
 
     def _step_due(self) -> bool:
         if self.utterance_start is None or (self.received - self.utterance_start) / SAMPLE_RATE < MIN_STEP_AUDIO_S:
             return False
+        if self.options.context_s and self.finals:
+            return False  # the final on its way is this utterance's context: a step without it would be done again
         covered = self.last_step.end if self.last_step is not None else self.utterance_start
         if self.options.interim_results and (self.received - covered) / SAMPLE_RATE >= self.config.step_s:
             return True
@@ -387,18 +441,30 @@ class StreamSession:
         # out to be an endpoint its final is (nearly) ready
         return not self.speaking and self.received >= self.last_speech_end + self._trailing_pad > covered
 
-    async def _transcribe(self, audio: np.ndarray, priority: Priority, submitted: list | None = None,
-                          prefix: list[str] | None = None) -> Transcript:
-        """``prefix``: settled committed words (see :meth:`_settled`) the transcript is made to begin with:
-        only the rest of the utterance is decoded."""
-        options = self.engine.window_options(self.options, self._prompt(), " ".join(prefix) if prefix else None,
-                                             priority is Priority.FINAL)
-        return await self.engine.pipeline.transcribe(audio, options, priority, submitted)
+    async def _transcribe(self, audio: np.ndarray, floor: int, start: int, kind: str, submitted: list | None = None,
+                          prefix: list[str] | None = None) -> tuple[Transcript, int]:
+        """The utterance from ``start`` (``audio`` runs from ``floor`` to its end), and where the audio it was
+        heard with began. ``kind``: interim, pause (see _Step.at_pause) or final. ``prefix``: settled committed words (see :meth:`_settled`) the transcript is made to
+        begin with: only the rest of the utterance is decoded. Earlier utterances heard with it (see
+        :meth:`_context`) are forced before them, and are not in the transcript returned."""
+        begin, heard = self._context(start, floor)
+        forced = heard + (prefix or [])
+        options = self.engine.window_options(self.options, self._prompt(len(heard)), " ".join(forced) if forced else None, kind)
+        if heard and not options.forced:  # too long to force: the utterance alone
+            begin, heard = start, []
+            options = self.engine.window_options(self.options, self._prompt(0), " ".join(prefix) if prefix else None, kind)
+        priority = Priority.FINAL if kind == "final" else Priority.REALTIME
+        transcript = await self.engine.pipeline.transcribe(audio[begin - floor :], options, priority, submitted)
+        if heard:
+            transcript = _without_heard(transcript, heard, (start - begin) / SAMPLE_RATE)
+        return transcript, begin
 
     async def _run_step(self, step: _Step) -> Transcript | None:
         submitted = time.monotonic()
+        floor = self._context_floor(step.start, step.end)
         try:
-            step.transcript = await self._transcribe(self._audio(step.start, step.end), Priority.REALTIME, step.jobs, self._settled(step.end))
+            step.transcript, step.heard_from = await self._transcribe(self._audio(floor, step.end), floor, step.start,
+                                                                      "pause" if step.at_pause else "interim", step.jobs, self._settled(step.end))
         except Overloaded:
             return None  # the next step covers this audio too
         except Exception:  # noqa: BLE001 - an interim step that failed is skipped, the final will be tried
@@ -429,15 +495,20 @@ class StreamSession:
         self.emit(Partial(step.utterance, text, " ".join(self.committed), " ".join(self._settled(step.end)),
                           self._seconds(step.start), latency, first))
 
-    async def _run_final(self, span: _Step, reason: str, audio: np.ndarray | None, covering: _Step | None,
+    async def _run_final(self, span: _Step, reason: str, audio: np.ndarray | None, floor: int, covering: _Step | None,
                          prefix: list[str], before: asyncio.Task | None, requested_at: float) -> None:
+        said = next((s for s in reversed(self.said) if s.start == span.start), None)
         try:
             if covering is not None and covering.task is not None:
                 self.engine.pipeline.promote(covering.jobs, Priority.FINAL)  # it is this final now: it must not wait as an interim step
                 await asyncio.wait([covering.task])  # it already covers the utterance; None if it failed
+            if self.options.context_s and before is not None:
+                await asyncio.wait([before])  # its words are this one's context
             transcript = covering.transcript if covering is not None else None
+            if transcript is not None and self.options.context_s and covering.heard_from != self._context(span.start, floor)[0]:
+                transcript = None  # the step heard less than the final can now: a final before it came out meanwhile
             if transcript is None and audio is not None:
-                transcript = await self._transcribe(audio, Priority.FINAL, prefix=prefix)
+                transcript, _ = await self._transcribe(audio, floor, span.start, "final", prefix=prefix)
         except Exception as exc:  # noqa: BLE001 - the session goes on; the client learns this utterance is lost
             log.exception("final of utterance %d failed", span.utterance)
             if before is not None:
@@ -455,8 +526,26 @@ class StreamSession:
                     for s in shifted if s.start < end_s]
         text = " ".join(s.text for s in segments)
         self.previous_text.extend(text.split())
+        if said is not None:
+            said.words = text.split()
         self.emit(Final(span.utterance, text, self._seconds(span.start), end_s, reason, segments,
                         time.monotonic() - requested_at, transcript.language if transcript is not None else self.options.language))
+
+
+def _without_heard(transcript: Transcript, heard: list[str], offset_s: float) -> Transcript:
+    """A transcript of earlier utterances' audio and then the utterance (from ``offset_s``), which begins with
+    their words ``heard``: the utterance's part alone, its times from the utterance's start."""
+    left, segments = len(heard), []
+    for segment in transcript.segments:
+        words = segment.text.split()
+        drop = min(left, len(words))
+        left -= drop
+        if drop == len(words):
+            continue
+        kept = replace(segment, text=" ".join(words[drop:]), words=None if segment.words is None else segment.words[drop:])
+        shifted = _shifted(kept, -offset_s)
+        segments.append(replace(shifted, start=max(0.0, shifted.start), end=max(0.0, shifted.end)))
+    return replace(transcript, segments=segments, duration_s=transcript.duration_s - offset_s)
 
 
 def _shifted(segment: Segment, offset_s: float) -> Segment:

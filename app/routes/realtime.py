@@ -254,7 +254,8 @@ class RealtimeConnection(StreamConnection):
                              endpoint_silence_s=None if turn is None else turn.silence_duration_ms / 1000,
                              vad_threshold=None if turn is None else turn.threshold,
                              prefix_padding_s=None if turn is None else turn.prefix_padding_ms / 1000, prompt=self.config.prompt,
-                             beam_size=self.settings.realtime_beam_size)
+                             beam_size=self.settings.realtime_beam_size,
+                             context_s=self.settings.realtime_context_s, final_fallback=self.settings.realtime_temperature_fallback)
 
     def audio_format(self) -> tuple[str, int]:
         _, _, encoding, rate = FORMATS[self.config.format]
