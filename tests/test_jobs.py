@@ -229,3 +229,53 @@ def test_a_full_disk_refuses_the_job_and_keeps_what_is_stored(tmp_path: Path) ->
             assert submit(client, JFK.read_bytes(), JFK.name).status_code == 202  # a job that fits still goes in
     finally:
         server.stop()
+
+
+def test_a_final_is_never_stepped_beside_job_rows_and_job_rows_go_on_after_it() -> None:
+    """The decoder's job lane, pinned down: two job windows are decoding when a stream's final arrives; every
+    step from then until the final is done holds the final's row alone, then the job rows go on to their end."""
+    import asyncio
+
+    import torch
+
+    from tests.conftest import Quiet
+    from workers.decoding import DecodingOptions
+    from workers.jobs import Job, WindowOptions
+    from workers.packing import EncodedWindow, PassInput
+    from workers.runner import ModelRunner, embedded_model_path
+    from workers.scheduler import BatchPolicy, Priority
+    from workers.stages import DecoderStage
+
+    runner = ModelRunner(embedded_model_path(), torch.device("cpu"), DecodingOptions())
+    jfk = decode_audio(JFK.read_bytes(), 60)
+    encoded = EncodedWindow.alone(runner.encode([PassInput.alone(runner.features(jfk))])[0])
+    steps: list[tuple[float, int]] = []
+
+    class Steps(Quiet):
+        def batch_done(self, stage, size, busy_s):
+            steps.append((time.monotonic(), size))
+
+    async def main() -> tuple[dict, float, float]:
+        stage = DecoderStage("cpu", BatchPolicy(8, 0, 100), 1, 1, runner.new_decoder, Steps())
+        options = WindowOptions("en", runner.prompt([], "en"))
+        jobs = [Job(audio=jfk, offset_s=0.0, priority=Priority.JOB, options=options) for _ in range(2)]
+        final = Job(audio=jfk, offset_s=0.0, priority=Priority.FINAL, options=options)
+        for job in jobs:
+            job.data = encoded
+            await stage.put(job)
+        stage.start()
+        while len(steps) < 5:  # the job rows are decoding
+            await asyncio.sleep(0.01)
+        final.data, final_in = encoded, time.monotonic()
+        await stage.put(final)
+        await asyncio.wait_for(final.future, 30)
+        final_out = time.monotonic()
+        await asyncio.wait_for(asyncio.gather(*(job.future for job in jobs)), 60)
+        await stage.stop()
+        return [job.future.result().tokens for job in (final, *jobs)], final_in, final_out
+
+    results, final_in, final_out = asyncio.run(main())
+    during = [size for at, size in steps if final_in < at <= final_out]
+    assert during and all(size == 1 for size in during[1:]), during  # the first may be a job step already running
+    assert max(size for at, size in steps if at > final_out) == 2  # then the job rows go on, together
+    assert results[0] == results[1] == results[2] and len(results[0]) > 10  # a lane changes no result: the same tokens

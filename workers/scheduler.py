@@ -202,6 +202,15 @@ class DynamicBatchScheduler(Generic[T]):
         (joins a running batch)."""
         return self._take(min(max_items, self.policy.max_batch_size), lowest)
 
+    def take_lane(self, max_items: int, priority: Priority) -> list[T]:
+        """Up to ``max_items`` of what waits at ``priority`` alone, oldest first, without waiting (a lane of its own
+        joins its running batch)."""
+        queue = self._queues[priority]
+        batch = [queue.popleft().item for _ in range(min(max_items, len(queue)))]
+        if batch:
+            self.changed.notify()
+        return batch
+
     def _fills(self, limit: int) -> bool:
         """Whether what waits makes a full batch."""
         if self.packer is None:

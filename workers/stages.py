@@ -319,6 +319,16 @@ class Stage:
             held.remove(job)
 
 
+@dataclass
+class _Lane:
+    """One running batch of a decoder worker. Live work (finals, interim steps, REST files) and job windows
+    each have their own, so a job row never makes a final's step slower: job rows step only while no live
+    row runs or waits (or for their share against REST rows)."""
+
+    decoder: BatchDecoder
+    capacity: int  # rows it may hold: the stage's batch size, or fewer after running out of memory
+
+
 class DecoderStage(Stage):
     """The decoder runs iteration-level batching: between two tokens its running batch takes in the
     rows waiting in the queue, hands on the rows that finished and drops the rows whose caller has gone
@@ -328,6 +338,10 @@ class DecoderStage(Stage):
     full, or ``max_wait_ms`` has passed. On the CPU a step costs 11 ms for one row and 25 ms for eight
     (tiny.en, 2 cores), and steps taken for one row at a time slow the encoder they share the cores with.
     A worker told to leave under load takes no new rows and leaves once its running rows are finished.
+
+    Each worker keeps two running batches (:class:`_Lane`): one for live work and REST files, one for job
+    windows. A step is taken for one of them: the job batch's only while no live row runs or waits (or, beside
+    REST rows alone, for its ASR_JOB_SHARE of the steps), so durable jobs never make a stream's step slower.
     """
 
     def __init__(self, device: str, policy: BatchPolicy, workers: int, max_workers: int,
@@ -358,32 +372,38 @@ class DecoderStage(Stage):
         await super().stop()
 
     async def _work(self, held: list[Job]) -> None:
-        decoder = self.new_decoder()
-        full = capacity = self.scheduler.policy.max_batch_size
+        full = self.scheduler.policy.max_batch_size
+        live, jobs = _Lane(self.new_decoder(), full), _Lane(self.new_decoder(), full)
+        credit = 0.0  # the job lane's: earned by each step of REST rows alone while job rows wait (ASR_JOB_SHARE)
         leaving = False
         while True:
             leaving = leaving or self._should_leave()
-            if leaving and not decoder.running:
+            if leaving and not (live.decoder.running or jobs.decoder.running):
                 return
-            gone = [row for row in decoder.rows if row.owner.abandoned]
+            if live.decoder.running or jobs.decoder.running or leaving:
+                lane, credit = self._turn(live, jobs, credit)
+                joining = [] if leaving else self._joining(lane, lane is jobs)
+            else:
+                batch = await self._wait_for_work(lambda: self._next_batch((live, jobs), full))
+                urgent = [job for job in batch if job.priority is not Priority.JOB]
+                for job in reversed(batch if urgent else []):
+                    if job.priority is Priority.JOB:
+                        self.scheduler.requeue(job, job.priority)  # job windows wait for their own batch
+                lane, joining = (live, urgent) if urgent else (jobs, batch)
+            gone = [row for row in lane.decoder.rows if row.owner.abandoned]
             if gone:
                 self.observer.windows_abandoned(self.name, len(gone))
-            if decoder.running or leaving:
-                # no row less urgent than the running ones joins (no interim step beside a final, no bulk row
-                # beside a stream's): each one would make every step of theirs slower
-                lowest = min((row.owner.priority for row in decoder.rows), default=Priority.JOB)
-                joining = [] if leaving else self.scheduler.take_ready(capacity - decoder.running, lowest)
-            else:
-                joining = await self._wait_for_work(lambda: self._next_batch(decoder, capacity))
             joining = self._live(joining)
-            held[:] = [row.owner for row in decoder.rows if not row.owner.abandoned] + joining
+            other = jobs if lane is live else live
+            mine = [row.owner for row in lane.decoder.rows if not row.owner.abandoned] + joining
+            held[:] = mine + [row.owner for row in other.decoder.rows]
             for job in joining:
                 job.mark(self.name, "started")
-            started, size = time.monotonic(), decoder.running - len(gone) + len(joining)
+            started, size = time.monotonic(), lane.decoder.running - len(gone) + len(joining)
             self.busy_workers += 1
             failure: str | None = None
             try:
-                finished = await self.run_blocking(self._advance, decoder, joining, gone)
+                finished = await self.run_blocking(self._advance, lane.decoder, joining, gone)
             except torch.OutOfMemoryError:
                 failure = "OutOfMemoryError"  # nothing of the error is kept: its traceback holds the batch's tensors
             except Exception as error:  # noqa: BLE001 - fail the running batch, start a fresh one
@@ -393,36 +413,59 @@ class DecoderStage(Stage):
                 self.busy_workers -= 1
                 self._upstream_changed()
             if failure is not None:
-                decoder = None  # its cache goes before a new one is made
+                lane.decoder = None  # its cache goes before a new one is made
                 if failure == "OutOfMemoryError" and size > 1:
                     # the cache of the whole batch is gone: its rows start again, at most half as many at a time
                     free_memory()
-                    capacity = max(1, size // 2)
-                    log.warning("stage decoder: out of memory with %d rows; restarting them %d at a time", size, capacity)
-                    for job in reversed(held):
+                    lane.capacity = max(1, size // 2)
+                    log.warning("stage decoder: out of memory with %d rows; restarting them %d at a time", size, lane.capacity)
+                    for job in reversed(mine):
                         job.mark(self.name, "enqueued")
                         self.scheduler.requeue(job, job.priority)
                 else:
-                    self._fail(held, StageError(self.name, failure))
-                held.clear()
-                decoder = self.new_decoder()
+                    self._fail(mine, StageError(self.name, failure))
+                held[:] = [row.owner for row in other.decoder.rows]
+                lane.decoder = self.new_decoder()
                 continue
             self.observer.batch_done(self.name, size, time.monotonic() - started)
-            if not decoder.running:
-                capacity = full  # the smaller batch after running out of memory lasts until its rows are done
+            if not lane.decoder.running:
+                lane.capacity = full  # the smaller batch after running out of memory lasts until its rows are done
             for job in finished:
                 self.decoded(job.data)
             if finished:  # the worker answers for its running rows too until they are handed on
-                held[:] = [row.owner for row in decoder.rows] + finished
+                held[:] = [row.owner for row in (*live.decoder.rows, *jobs.decoder.rows)] + finished
                 await self._hand_on(held, finished)
 
-    async def _next_batch(self, decoder: BatchDecoder, capacity: int) -> list[Job]:
+    def _turn(self, live: _Lane, jobs: _Lane, credit: float) -> tuple[_Lane, float]:
+        """Which running batch takes the next step: live work's whenever it has rows or some waits, but while
+        its rows and what waits are REST work alone, job rows take ASR_JOB_SHARE of the steps. Job rows never
+        step while a final or an interim step runs or waits."""
+        waiting = {p for p in (Priority.FINAL, Priority.REALTIME, Priority.BULK) if self.scheduler.depth(p)}
+        if not (live.decoder.running or waiting):
+            return jobs, credit
+        if not jobs.decoder.running or waiting - {Priority.BULK} or any(row.owner.priority is not Priority.BULK for row in live.decoder.rows):
+            return live, credit
+        credit = min(1.0, credit + self.scheduler.policy.job_share)
+        return (jobs, credit - 1.0) if credit >= 1.0 else (live, credit)
+
+    def _joining(self, lane: _Lane, jobs: bool) -> list[Job]:
+        """The rows that join ``lane``'s running batch before its step: job windows only in the job lane; in the
+        live one, no row less urgent than the running ones (no interim step beside a final, no bulk row beside a
+        stream's): each one would make every step of theirs slower."""
+        room = lane.capacity - lane.decoder.running
+        if jobs:
+            return self.scheduler.take_lane(room, Priority.JOB)
+        lowest = min((row.owner.priority for row in lane.decoder.rows), default=Priority.BULK)
+        return self.scheduler.take_ready(room, lowest)
+
+    async def _next_batch(self, lanes: tuple[_Lane, ...], capacity: int) -> list[Job]:
         """The next rows; a decoder idle for IDLE_RELEASE_S first gives back the cache a large batch grew
         (at once would cost a regrowth, hundreds of MB copied, between every two batches of a busy server)."""
         try:
             return await asyncio.wait_for(self.scheduler.next_batch(capacity, self.more_coming), IDLE_RELEASE_S)
         except TimeoutError:  # nothing was taken: next_batch takes its items only once it returns
-            decoder.release_memory()
+            for lane in lanes:
+                lane.decoder.release_memory()
             return await self.scheduler.next_batch(capacity, self.more_coming)
 
     @staticmethod
