@@ -19,6 +19,7 @@ import numpy as np
 from app.audio import decode_audio
 from app.jobs.webhooks import SIGNATURE_HEADER, verify_signature
 from loadtest.evalset import load_rows, word_error_rate
+from loadtest.jobs import scraped
 from tests.conftest import EVAL, JFK, JFK_TEXT, Server, free_port, running_server, wav_bytes
 
 SECRET = "test-webhook-secret"
@@ -169,16 +170,6 @@ def windows_by_run(data_dir: Path, job_id: str) -> dict[int, list[int]]:
     return runs
 
 
-def metric(url: str, name: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        for sample in family.samples:
-            if sample.name == name:
-                return sample.value
-    raise KeyError(name)
-
-
 def test_kill_9_mid_job_resumes_from_its_last_window_with_the_same_text(tmp_path: Path) -> None:
     audio, text = sonnets()
     first = Server(data_dir=str(tmp_path))
@@ -193,7 +184,7 @@ def test_kill_9_mid_job_resumes_from_its_last_window_with_the_same_text(tmp_path
         assert job["status"] == "succeeded" and job["runs"] == 2 and job["windows"]["done"] == job["windows"]["total"] == before["windows"]["total"]
         runs = windows_by_run(tmp_path, job_id)
         assert sorted(runs) == [1, 2] and sorted(runs[1] + runs[2]) == list(range(job["windows"]["total"]))
-        assert metric(second.url, "asr_job_windows_total") == len(runs[2])  # the second run transcribed only the rest
+        assert scraped(second.url, "asr_job_windows_total") == len(runs[2])  # the second run transcribed only the rest
         again = wait_for(client, submit(client, audio).json()["id"], finished)  # the same file, uninterrupted
         assert job["result"]["text"] == again["result"]["text"]
         assert word_error_rate([text], [job["result"]["text"]]) < 0.3

@@ -274,6 +274,10 @@ class Pipeline:
             job.future.add_done_callback(lambda f: self.rate.finished(not f.cancelled() and f.exception() is None))
             await self.entry.put(job)
 
+        def context_after() -> tuple[int, ...]:
+            """What a window just final leaves the next one to be prompted with (kept on it for a resumed run)."""
+            return tuple(context[-self.runner.options.max_prompt_tokens :]) if chained else ()
+
         async def submit_more() -> None:
             nonlocal submitted_to, open_windows
             while submitted_to < len(planned) and (lookahead is None or open_windows < lookahead):
@@ -285,7 +289,7 @@ class Pipeline:
                     await submit(index, start, end, 0, priority, hold=chained and bool(pending))
                 else:
                     decoded[index] = True
-                    windows[index].context = tuple(context[-self.runner.options.max_prompt_tokens :]) if chained else ()
+                    windows[index].context = context_after()
 
         def tell_final() -> None:
             nonlocal told
@@ -301,8 +305,8 @@ class Pipeline:
             await submit_more()
             tell_final()  # the windows before the first with sound
             while pending:
-                done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for future in done:
+                answered, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for future in answered:
                     job, index, end, redecodes = pending.pop(future)
                     result, window = future.result(), windows[index]
                     # a window's jobs run one after the other, each from where the one before stopped: in order
@@ -320,7 +324,7 @@ class Pipeline:
                         continue
                     decoded[index] = True
                     open_windows -= 1
-                    window.context = tuple(context[-self.runner.options.max_prompt_tokens :]) if chained else ()
+                    window.context = context_after()
                     if held:
                         await self.decoder.release(held.popleft(), later(True))
                 await submit_more()

@@ -38,13 +38,14 @@ def window_from_json(data: dict) -> FileWindow:
     return FileWindow(data["start_s"], data["end_s"], segments, data["language"], tuple(data["context"]))
 
 
-def job_summary(job: JobRecord) -> dict:
-    """What GET /v1/jobs/{id} answers (and a webhook carries, without the result)."""
-    return {"id": job.id, "object": "transcription.job", "status": job.status, "progress": job.progress,
+def job_summary(job: JobRecord, result: bool = True) -> dict:
+    """What GET /v1/jobs/{id} answers; without ``result``, what the list, DELETE and a webhook carry."""
+    summary = {"id": job.id, "object": "transcription.job", "status": job.status, "progress": job.progress,
             "model": {"name": job.model, "sha256": job.model_sha256}, "created_at": job.created_at,
             "started_at": job.started_at, "finished_at": job.finished_at, "duration_s": job.duration_s,
             "windows": {"total": job.windows_total, "done": job.windows_done}, "runs": job.runs,
-            "webhook": job.webhook, "error": job.error, "result": job.result}
+            "webhook": job.webhook, "error": job.error}
+    return {**summary, "result": job.result} if result else summary
 
 
 class JobRunner:

@@ -70,7 +70,7 @@ def webhook_refusal(url: str, secret: str, allowed_hosts: list[str]) -> str | No
 
 class JobWebhooks:
     def __init__(self, store: JobStore, secret: str, timeout_s: float, max_attempts: int,
-                 summary: Callable[[JobRecord], dict], on_outcome: Callable[[str], None] = lambda outcome: None,
+                 summary: Callable[[JobRecord, bool], dict], on_outcome: Callable[[str], None] = lambda outcome: None,
                  first_backoff_s: float = 1.0):
         self.store, self.secret, self.max_attempts = store, secret, max_attempts
         self.summary = summary
@@ -97,7 +97,7 @@ class JobWebhooks:
         await self._client.aclose()
 
     async def _deliver(self, job: JobRecord) -> None:
-        summary = {key: value for key, value in self.summary(job).items() if key not in ("result", "webhook")}
+        summary = {key: value for key, value in self.summary(job, False).items() if key != "webhook"}
         body = json.dumps(summary).encode()
         state = dict(job.webhook or {"status": "pending", "attempts": 0})
         while state["attempts"] < self.max_attempts:

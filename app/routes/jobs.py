@@ -113,7 +113,7 @@ async def list_jobs(
     jobs = await lane.store.page(tenant, limit + 1, before)
     more = len(jobs) > limit
     jobs = jobs[:limit]
-    return JSONResponse({"object": "list", "data": [{k: v for k, v in job_summary(j).items() if k != "result"} for j in jobs],
+    return JSONResponse({"object": "list", "data": [job_summary(j, result=False) for j in jobs],
                          "has_more": more, "next_after": jobs[-1].id if more else None})
 
 
@@ -150,4 +150,4 @@ async def delete_job(request: Request, job_id: str) -> JSONResponse:
         if job.status in UNFINISHED:  # queued, never started: nothing ran
             job.status, job.finished_at = "cancelled", time.time()
     await lane.store.delete(job.id)
-    return JSONResponse({**{k: v for k, v in job_summary(job).items() if k != "result"}, "deleted": True})
+    return JSONResponse({**job_summary(job, result=False), "deleted": True})
