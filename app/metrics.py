@@ -65,6 +65,8 @@ class Metrics:
         self.jobs = Gauge("asr_jobs", "Durable jobs in the store, by status (read from the store every few seconds).", ["status"], registry=r)
         self.job_queue_age = Gauge("asr_job_queue_age_seconds", "How long the oldest queued job has waited to run (0: none waits).", registry=r)
         self.job_windows = Counter("asr_job_windows", "Windows of durable jobs transcribed and stored (none twice, across restarts).", registry=r)
+        self.job_store_failures = Counter("asr_job_store_failures", "Jobs paused because their progress could not be stored (a full disk); each is resumed "
+                                          "from its last stored window after a pause that doubles up to 5 min.", registry=r)
         self.job_webhook_deliveries = Counter("asr_job_webhook_deliveries", "Job webhook attempts by outcome: delivered, retried (failed, tried again later), failed (the last attempt failed).", ["outcome"], registry=r)
         for counter, values in ((self.webhook_deliveries, WEBHOOK_OUTCOMES), (self.rejected, REJECTION_REASONS),
                                 (self.stream_sessions, STREAM_END_REASONS), (self.jobs, JOB_STATUSES),

@@ -72,6 +72,7 @@ class EnginePolicy:
     max_new_tokens: int
     silence_threshold_dbfs: float
     encoder_packing: str  # a workers.packing.PackingMode value
+    jobs_yield_to_live: bool  # job windows wait while any live window is in flight (see workers.scheduler.LiveWindows)
 
 
 def available_cpus() -> int:
@@ -132,4 +133,5 @@ def resolve_engine_policy(settings: Settings, on_gpu: bool) -> EnginePolicy:
         max_new_tokens=s.max_new_tokens,
         silence_threshold_dbfs=s.silence_threshold_dbfs,
         encoder_packing=s.encoder_packing,
+        jobs_yield_to_live=s.job_yield_to_live,
     )

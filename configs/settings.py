@@ -144,6 +144,9 @@ class BatchingSettings(BaseModel):
     admission_max_wait_s: float = Field(10.0, gt=0, description="... or while the windows in flight would take longer than this to finish at the rate the pipeline has been finishing them (so an admitted request waits about this long at most before its own work).")
     bulk_share: float = Field(0.2, ge=0, le=1, description="Share of each stage's batch slots kept for REST work while live streams keep the stage busy, so bulk work is never starved.")
     job_share: float = Field(0.1, ge=0, le=1, description="Share of each stage's batch slots kept for durable jobs' windows while REST work keeps the stage busy (they never pass live streams' work).")
+    job_yield_to_live: bool = Field(True, description="Durable jobs' windows wait in every stage while a live stream's window is anywhere in the stages, not only in the same "
+                                    "queue: the stages share the cores (and a GPU), so a job's encoder pass beside a stream's decoder steps slows them. false: jobs "
+                                    "take every gap in each stage, for more job throughput and some stream latency.")
     queue_capacity: int = Field(256, ge=1, description="Most windows waiting in front of each stage; a full queue pushes back on the stage before it, and REST requests are refused with 429 once the first one has no room for bulk work.")
     queue_reserved_final_windows: int = Field(32, ge=0, description="Of each stage's queue, room only stream finals may take: bulk work and interim steps can never leave a final without room (Triton's per-priority queue policy).")
     queue_reserved_realtime_windows: int = Field(32, ge=0, description="Of each stage's queue, room only finals and interim steps may take; bulk work fills at most ASR_QUEUE_CAPACITY less both reserves.")

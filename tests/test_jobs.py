@@ -1,5 +1,5 @@
 """Durable jobs (/v1/jobs) on real servers: results in every format, idempotency, per-key isolation, cancel,
-admission, signed webhooks, kill -9 and resume, a corrupt store, a full disk."""
+admission, signed webhooks, kill -9 and resume, a corrupt store, a full disk at submission and mid-job."""
 
 from __future__ import annotations
 
@@ -222,9 +222,40 @@ def test_a_full_disk_refuses_the_job_and_keeps_what_is_stored(tmp_path: Path) ->
         server.stop()
 
 
-def test_a_final_is_never_stepped_beside_job_rows_and_job_rows_go_on_after_it() -> None:
-    """The decoder's job lane, pinned down: two job windows are decoding when a stream's final arrives; every
-    step from then until the final is done holds the final's row alone, then the job rows go on to their end."""
+def test_a_disk_full_mid_job_pauses_it_and_it_resumes_from_its_last_window_once_space_is_freed(tmp_path: Path) -> None:
+    """The disk fills while a job runs (RLIMIT_FSIZE lowered on the running server: no file of its may grow): the
+    window that cannot be stored stops the job, which is neither failed nor taken again at once; REST serves on, and
+    an upload too large to be read in memory gets 507, not a 500. Once the limit is lifted, the job resumes from
+    its last stored window and succeeds, each window stored once."""
+    audio, text = sonnets()
+    with running_server(data_dir=str(tmp_path)) as s, httpx.Client(base_url=s.url, timeout=60) as client:
+        job_id = submit(client, audio).json()["id"]
+        wait_for(client, job_id, lambda job: job["windows"]["done"] >= 2)
+        soft, hard = resource.prlimit(s.process.pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(s.process.pid, resource.RLIMIT_FSIZE, (1, hard))
+        try:
+            deadline = time.monotonic() + 60
+            while scraped(s.url, "asr_job_store_failures_total") < 1 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            paused = client.get(f"/v1/jobs/{job_id}").json()
+            assert scraped(s.url, "asr_job_store_failures_total") >= 1, paused
+            assert paused["status"] == "running" and paused["runs"] == 1 and paused["windows"]["done"] < paused["windows"]["total"]
+            assert client.post("/v1/transcribe", content=JFK.read_bytes()).status_code == 200  # REST serves on
+            spooled = client.post("/v1/transcribe", files={"file": (JFK.name, JFK.read_bytes())})  # 1.1 MB: spooled to a file
+            assert spooled.status_code == 507 and spooled.json()["error"]["code"] == "insufficient_storage", spooled.text
+        finally:
+            resource.prlimit(s.process.pid, resource.RLIMIT_FSIZE, (soft, hard))
+        job = wait_for(client, job_id, finished)
+        assert job["status"] == "succeeded" and job["runs"] >= 2 and job["windows"]["done"] == job["windows"]["total"]
+        runs = windows_by_run(tmp_path, job_id)
+        assert sorted(index for indices in runs.values() for index in indices) == list(range(job["windows"]["total"]))
+        assert word_error_rate([text], [job["result"]["text"]]) < 0.3
+
+
+def test_job_rows_wait_while_a_live_window_is_anywhere_and_a_final_is_never_stepped_beside_them() -> None:
+    """The decoder's job lane, pinned down: two job windows are decoding when a stream's window enters the
+    pipeline (counted in flight, still in an earlier stage): the job rows stop stepping. It reaches the decoder:
+    every step until it is done holds its row alone. Once it is answered, the job rows go on to their end."""
     import asyncio
 
     import torch
@@ -234,7 +265,7 @@ def test_a_final_is_never_stepped_beside_job_rows_and_job_rows_go_on_after_it() 
     from workers.jobs import Job, WindowOptions
     from workers.packing import EncodedWindow, PassInput
     from workers.runner import ModelRunner, embedded_model_path
-    from workers.scheduler import BatchPolicy, Priority
+    from workers.scheduler import BatchPolicy, LiveWindows, Priority
     from workers.stages import DecoderStage
 
     runner = ModelRunner(embedded_model_path(), torch.device("cpu"), DecodingOptions())
@@ -246,8 +277,9 @@ def test_a_final_is_never_stepped_beside_job_rows_and_job_rows_go_on_after_it() 
         def batch_done(self, stage, size, busy_s):
             steps.append((time.monotonic(), size))
 
-    async def main() -> tuple[dict, float, float]:
-        stage = DecoderStage("cpu", BatchPolicy(8, 0, 100), 1, 1, runner.new_decoder, Steps())
+    async def main() -> tuple[dict, float, float, int]:
+        live = LiveWindows()
+        stage = DecoderStage("cpu", BatchPolicy(8, 0, 100), 1, 1, runner.new_decoder, Steps(), live=live)
         options = WindowOptions("en", runner.prompt([], "en"))
         jobs = [Job(audio=jfk, offset_s=0.0, priority=Priority.JOB, options=options) for _ in range(2)]
         final = Job(audio=jfk, offset_s=0.0, priority=Priority.FINAL, options=options)
@@ -257,15 +289,22 @@ def test_a_final_is_never_stepped_beside_job_rows_and_job_rows_go_on_after_it() 
         stage.start()
         while len(steps) < 5:  # the job rows are decoding
             await asyncio.sleep(0.01)
+        live.started()  # the final is in the features or the encoder stage
+        await asyncio.sleep(0.05)  # a job step already running ends
+        before = len(steps)
+        await asyncio.sleep(0.3)
+        stepped_meanwhile = len(steps) - before
         final.data, final_in = encoded, time.monotonic()
         await stage.put(final)
         await asyncio.wait_for(final.future, 30)
         final_out = time.monotonic()
+        live.finished()
         await asyncio.wait_for(asyncio.gather(*(job.future for job in jobs)), 60)
         await stage.stop()
-        return [job.future.result().tokens for job in (final, *jobs)], final_in, final_out
+        return [job.future.result().tokens for job in (final, *jobs)], final_in, final_out, stepped_meanwhile
 
-    results, final_in, final_out = asyncio.run(main())
+    results, final_in, final_out, stepped_meanwhile = asyncio.run(main())
+    assert stepped_meanwhile == 0
     during = [size for at, size in steps if final_in < at <= final_out]
     assert during and all(size == 1 for size in during[1:]), during  # the first may be a job step already running
     assert max(size for at, size in steps if at > final_out) == 2  # then the job rows go on, together

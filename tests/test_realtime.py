@@ -1,22 +1,27 @@
 """OpenAI's Realtime transcription on /v1/realtime: the official ``openai`` SDK's clients (GA and beta), used
-unchanged, on real speech at real-time pace; and bad events answered in OpenAI's error shape while the
-session goes on."""
+unchanged, on real speech at real-time pace; bad events answered in OpenAI's error shape, and a transcription
+the engine fails answered with ``.failed``, while the session goes on."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from configs import Settings
 from loadtest.evalset import normalize, word_error_rate
+from loadtest.faults import in_process_server
 from loadtest.realtime import REALTIME_RATE, play, resampled
 from loadtest.stream import decode_file, to_pcm
-from tests.conftest import JFK, JFK_TEXT, Server, running_server
+from tests.conftest import JFK, JFK_TEXT, Server, free_port, running_server
+from workers.postprocess import PostProcessor
 
 ORDER = ["input_audio_buffer.speech_started", "input_audio_buffer.speech_stopped", "input_audio_buffer.committed"]
 
@@ -106,6 +111,52 @@ def test_bad_events_get_openai_errors_and_the_session_goes_on(server: Server, jf
     assert [errors[i]["event_id"] for i in (2, 4, 10)] == ["evt_1", "evt_2", "evt_3"]  # the client's event it answers
     assert errors[4]["param"] == "session.colour"
     assert normalize(events[-1]["transcript"]) == JFK_TEXT  # the session went on, its options unchanged by the bad updates
+
+
+def test_an_item_the_engine_fails_is_answered_failed_and_the_next_one_completes(monkeypatch: pytest.MonkeyPatch, jfk: np.ndarray,
+                                                                                tmp_path: Path) -> None:
+    """The post stage fails every window while an item is transcribed (the real engine, its PostProcessor raising): the
+    item is answered with ``conversation.item.input_audio_transcription.failed``, a server_error saying which stage,
+    never left waiting; once the fault is gone, the next item of the same session completes."""
+    failing = threading.Event()
+    window_result = PostProcessor.window_result
+
+    def faulty(self, *args, **kwargs):
+        if failing.is_set():
+            raise RuntimeError("fault injected in the post stage")
+        return window_result(self, *args, **kwargs)
+
+    monkeypatch.setattr(PostProcessor, "window_result", faulty)
+    manual = {"type": "session.update", "session": {"type": "transcription", "audio": {"input": {"turn_detection": None}}}}
+    commit = {"type": "input_audio_buffer.commit"}
+
+    async def session(url: str) -> list[dict]:
+        async with connect(url.replace("http", "ws", 1) + "/v1/realtime?intent=transcription") as ws:
+            events = [json.loads(await ws.recv())]
+
+            async def until(kind: str) -> None:
+                while events[-1]["type"] != kind:
+                    events.append(json.loads(await asyncio.wait_for(ws.recv(), 60)))
+
+            failing.set()
+            for event in [manual, *_append(jfk), commit]:
+                await ws.send(json.dumps(event))
+            await until("conversation.item.input_audio_transcription.failed")
+            failing.clear()
+            for event in [*_append(jfk), commit]:
+                await ws.send(json.dumps(event))
+            await until("conversation.item.input_audio_transcription.completed")
+            return events
+
+    with in_process_server(Settings(port=free_port(), data_dir=str(tmp_path))) as (url, _):
+        events = asyncio.run(session(url))
+    committed = [e["item_id"] for e in events if e["type"] == "input_audio_buffer.committed"]
+    [failed] = [e for e in events if e["type"] == "conversation.item.input_audio_transcription.failed"]
+    [completed] = [e for e in events if e["type"] == "conversation.item.input_audio_transcription.completed"]
+    assert len(committed) == 2 and failed["item_id"] == committed[0] and completed["item_id"] == committed[1]
+    assert failed["error"]["type"] == "server_error" and "post stage" in failed["error"]["message"]
+    assert "injected" not in failed["error"]["message"]  # the cause's type, never its text
+    assert normalize(completed["transcript"]) == JFK_TEXT
 
 
 def test_g711_audio_and_a_clear(server: Server, jfk: np.ndarray) -> None:

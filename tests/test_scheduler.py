@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from workers.scheduler import BatchPolicy, DynamicBatchScheduler, Priority, QueueFull
+from workers.scheduler import BatchPolicy, DynamicBatchScheduler, LiveWindows, Priority, QueueFull
 
 
 def run(coro):
@@ -111,6 +111,34 @@ def test_job_windows_keep_their_share_ahead_of_bulk_work_but_never_pass_live_wor
     taken = run(main())
     assert [i for i, item in enumerate(taken) if item.startswith("job")] == [3, 7]
     assert all(item.startswith("live") for item in taken[8:])
+
+
+def test_job_windows_wait_while_a_live_window_is_in_flight_in_any_stage() -> None:
+    """Two stages share one count of live windows: a job window waiting in the second is not taken while a live
+    window is still in the first (queued or worked on), bulk work beside it is, and the job window is taken as
+    soon as the last live window is answered, without another item arriving to wake the worker."""
+
+    async def main():
+        live = LiveWindows()
+        first = DynamicBatchScheduler(BatchPolicy(max_batch_size=4, max_wait_ms=0, capacity=10), live=live)
+        second = DynamicBatchScheduler(BatchPolicy(max_batch_size=4, max_wait_ms=0, capacity=10, job_share=1.0), live=live)
+        live.started()
+        await first.put("live", Priority.REALTIME)
+        await second.put("job", Priority.JOB)
+        await second.put("bulk", Priority.BULK)
+        taken = [await second.next_batch()]
+        waiting = asyncio.create_task(second.next_batch())
+        await asyncio.sleep(0.05)
+        held = not waiting.done()
+        taken.append(await first.next_batch())  # the live window is worked on: the job window still waits
+        await asyncio.sleep(0.05)
+        held = held and not waiting.done()
+        live.finished()  # ... and answered
+        taken.append(await asyncio.wait_for(waiting, 1))
+        return held, taken
+
+    held, taken = run(main())
+    assert held and taken == [["bulk"], ["live"], ["job"]]
 
 
 def test_no_bulk_share_means_strict_priority() -> None:

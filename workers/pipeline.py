@@ -24,7 +24,7 @@ from workers.jobs import Job, Segment, WindowOptions
 from workers.packing import FirstFitPacker, PackingMode
 from workers.postprocess import PostProcessor
 from workers.runner import ModelRunner
-from workers.scheduler import BatchPolicy, Priority
+from workers.scheduler import BatchPolicy, LiveWindows, Priority
 from workers.stages import DecoderStage, Stage, StageObserver
 
 log = logging.getLogger(__name__)
@@ -152,8 +152,9 @@ def rms_dbfs(audio: np.ndarray) -> float:
 
 
 def build_stages(runner: ModelRunner, post: PostProcessor, policies: dict[str, StagePolicy], packing: PackingMode,
-                 fill: EncoderFill, decoded: DecodeCounts, observer: StageObserver) -> list[Stage]:
-    """features -> acoustic -> decoder -> post, each with its batching policy, pool bounds and device."""
+                 fill: EncoderFill, decoded: DecodeCounts, observer: StageObserver, live: LiveWindows) -> list[Stage]:
+    """features -> acoustic -> decoder -> post, each with its batching policy, pool bounds and device; ``live``
+    counts the live windows in flight, while which every stage holds its job windows back."""
     model_device = "gpu" if runner.device.type == "cuda" else "cpu"
     packer: FirstFitPacker[Job] = FirstFitPacker(policies["acoustic"].max_batch_size, packing,
                                                  size=lambda job: len(job.audio), tenant=lambda job: job.options.tenant)
@@ -175,10 +176,10 @@ def build_stages(runner: ModelRunner, post: PostProcessor, policies: dict[str, S
 
     f, a, d, p = (policies[name] for name in ("features", "acoustic", "decoder", "post"))
     stages = [
-        Stage("features", "cpu", batching(f), f.workers, f.max_workers, features, observer),
-        Stage("acoustic", model_device, batching(a), a.workers, a.max_workers, acoustic, observer, packer),
-        DecoderStage(model_device, batching(d), d.workers, d.max_workers, runner.new_decoder, observer, decoded.add),
-        Stage("post", "cpu", batching(p), p.workers, p.max_workers, postprocess, observer),
+        Stage("features", "cpu", batching(f), f.workers, f.max_workers, features, observer, live=live),
+        Stage("acoustic", model_device, batching(a), a.workers, a.max_workers, acoustic, observer, packer, live),
+        DecoderStage(model_device, batching(d), d.workers, d.max_workers, runner.new_decoder, observer, decoded.add, live),
+        Stage("post", "cpu", batching(p), p.workers, p.max_workers, postprocess, observer, live=live),
     ]
     for i, stage in enumerate(stages):
         stage.upstream = stages[:i]
@@ -192,9 +193,10 @@ class Pipeline:
         self.rate = WindowRate(seconds_per_window)
         self.fill = EncoderFill()
         self.decoded = DecodeCounts()
+        self.live = LiveWindows(policy.jobs_yield_to_live)
         self.silence_dbfs = policy.silence_threshold_dbfs
         self.stages: list[Stage] = build_stages(runner, PostProcessor(runner.tokenizer, policy.guards), policy.stages,
-                                                PackingMode(policy.encoder_packing), self.fill, self.decoded, observer)
+                                                PackingMode(policy.encoder_packing), self.fill, self.decoded, observer, self.live)
 
     @property
     def entry(self) -> Stage:
@@ -272,6 +274,9 @@ class Pipeline:
                 held.append(job)
             self.rate.started()
             job.future.add_done_callback(lambda f: self.rate.finished(not f.cancelled() and f.exception() is None))
+            if priority <= Priority.REALTIME:
+                self.live.started()
+                job.future.add_done_callback(lambda _: self.live.finished())
             await self.entry.put(job)
 
         def context_after() -> tuple[int, ...]:

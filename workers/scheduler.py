@@ -6,8 +6,11 @@ polling interval. The end of an utterance goes before a stream's interim steps, 
 work (REST files), which goes before job windows (durable jobs), except that ``bulk_share`` of the items
 taken go to bulk work ahead of interim steps whenever some waits, and ``job_share`` to job windows ahead
 of bulk work: a steady stream load cannot starve a REST request forever, nor a REST load a job (finals are
-never passed: there are never more of them than open streams; job windows never pass live work). While finals wait, a batch holds finals only: on
-the CPU a batch costs in proportion to what it holds, so each other item in it would delay them.
+never passed: there are never more of them than open streams; job windows never pass live work). While
+finals wait, a batch holds finals only: on the CPU a batch costs in proportion to what it holds, so each
+other item in it would delay them. Job windows wait, too, while a live stream's window is anywhere in the
+stages (:class:`LiveWindows`): the stages share the cores, so a job's encoder pass beside a stream's
+decoder steps would make them slower as surely as a place in their batch.
 
 The queue is bounded, and room is reserved per priority (Triton's per-priority queue policy): bulk work and
 job windows may fill the queue only up to ``capacity - reserved_final - reserved_realtime``, interim steps up to
@@ -113,12 +116,38 @@ class _Entry(Generic[T]):
     enqueued: float = field(default_factory=time.monotonic)
 
 
+class LiveWindows:
+    """How many live streams' windows (finals and interim steps) are in flight anywhere in the stages, queued or
+    being worked on. With ``holds_jobs``, each stage's scheduler holds its job windows back while any is, and is
+    woken (its ``changed``) when the last one is answered, so that they go on."""
+
+    def __init__(self, holds_jobs: bool = True) -> None:
+        self.holds_jobs = holds_jobs
+        self.count = 0
+        self.listeners: list[Signal] = []
+
+    @property
+    def holding(self) -> bool:
+        return self.holds_jobs and self.count > 0
+
+    def started(self) -> None:
+        self.count += 1
+
+    def finished(self) -> None:
+        self.count -= 1
+        if not self.count:
+            for signal in self.listeners:
+                signal.notify()
+
+
 class DynamicBatchScheduler(Generic[T]):
-    def __init__(self, policy: BatchPolicy, packer: Packer[T] | None = None):
+    def __init__(self, policy: BatchPolicy, packer: Packer[T] | None = None, live: LiveWindows | None = None):
         self.policy = policy
         self.packer = packer
         self._queues: dict[Priority, deque[_Entry[T]]] = {p: deque() for p in Priority}
-        self.changed = Signal()  # an item came or went
+        self.changed = Signal()  # an item came or went, or the last live window in flight was answered
+        self.live = live or LiveWindows()  # the pipeline's: while any live window is in flight, job windows are not taken
+        self.live.listeners.append(self.changed)
         # earned by every item taken, spent by a bulk item taken ahead of interim steps (a job window ahead of
         # bulk work); capped at one so an idle queue cannot bank a burst for later
         self._credit = {Priority.BULK: 0.0, Priority.JOB: 0.0}
@@ -186,16 +215,30 @@ class DynamicBatchScheduler(Generic[T]):
         """
         limit = min(max_items or self.policy.max_batch_size, self.policy.max_batch_size)
         while True:
-            while not len(self):
+            while not self._open():
                 await self.changed.wait()
-            deadline = self._oldest_enqueued() + self.policy.max_wait_ms / 1000
-            while len(self) and not self._fills(limit) and more_coming() and not self._live_waiting():
+            deadline = min(entry.enqueued for queue in self._open() for entry in queue) + self.policy.max_wait_ms / 1000
+            while self._open() and not self._fills(limit) and more_coming() and not self._live_waiting():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
                 await self.changed.wait(remaining)
-            if len(self):  # else another worker took it meanwhile: wait again
+            if self._open():  # else another worker took it meanwhile: wait again
                 return self._take(limit)
+
+    def jobs_held(self) -> bool:
+        """Whether job windows must wait: a live stream's window is in flight somewhere in the stages."""
+        return self.live.holding
+
+    def _lowest(self, lowest: Priority = Priority.JOB) -> Priority:
+        """The least urgent priority that may be taken now: finals alone while any wait, no job window while live work is in flight."""
+        if self._queues[Priority.FINAL]:
+            return Priority.FINAL
+        return min(lowest, Priority.BULK) if self.jobs_held() else lowest
+
+    def _open(self) -> list[deque[_Entry[T]]]:
+        """The queues that hold something that may be taken now."""
+        return [self._queues[p] for p in Priority if p <= self._lowest() and self._queues[p]]
 
     def take_ready(self, max_items: int, lowest: Priority = Priority.JOB) -> list[T]:
         """Whatever is waiting at ``lowest`` priority or more urgent, up to ``max_items``, without waiting
@@ -212,21 +255,17 @@ class DynamicBatchScheduler(Generic[T]):
         return batch
 
     def _fills(self, limit: int) -> bool:
-        """Whether what waits makes a full batch."""
+        """Whether what may be taken makes a full batch."""
         if self.packer is None:
-            return len(self) >= limit
-        return not self.packer.fits([entry.item for queue in self._queues.values() for entry in queue])
+            return sum(map(len, self._open())) >= limit
+        return not self.packer.fits([entry.item for queue in self._open() for entry in queue])
 
     def _live_waiting(self) -> bool:
         return bool(self._queues[Priority.FINAL] or self._queues[Priority.REALTIME])
 
-    def _oldest_enqueued(self) -> float:
-        return min(q[0].enqueued for q in self._queues.values() if q)
-
     def _take(self, limit: int, lowest: Priority = Priority.JOB) -> list[T]:
         """Finals alone while any wait: each other item in their batch would make it, and them, longer."""
-        if self._queues[Priority.FINAL]:
-            lowest = Priority.FINAL
+        lowest = self._lowest(lowest)
         if self.packer is not None:
             return self._take_packed(lowest)
         batch: list[T] = []

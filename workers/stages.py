@@ -25,7 +25,7 @@ import torch
 
 from workers.decoding import BatchDecoder, DecodeRow, audio_frames, token_budget
 from workers.jobs import Job, WindowOptions
-from workers.scheduler import BatchPolicy, DynamicBatchScheduler, Packer, Priority
+from workers.scheduler import BatchPolicy, DynamicBatchScheduler, LiveWindows, Packer, Priority
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,11 @@ class Stage:
     is cancelled at once (it holds nothing), one that is busy leaves after the batch in its hands."""
 
     def __init__(self, name: str, device: str, policy: BatchPolicy, workers: int, max_workers: int,
-                 process: Callable[[list[Job]], list[Any]] | None, observer: StageObserver, packer: Packer[Job] | None = None):
+                 process: Callable[[list[Job]], list[Any]] | None, observer: StageObserver, packer: Packer[Job] | None = None,
+                 live: LiveWindows | None = None):
         self.name = name
         self.device = device
-        self.scheduler: DynamicBatchScheduler[Job] = DynamicBatchScheduler(policy, packer)
+        self.scheduler: DynamicBatchScheduler[Job] = DynamicBatchScheduler(policy, packer, live)
         self.min_workers, self.max_workers = workers, max(workers, max_workers)
         self.process = process  # a batch's jobs -> their new data, one each, in the stage's executor
         self.observer = observer
@@ -345,8 +346,9 @@ class DecoderStage(Stage):
     """
 
     def __init__(self, device: str, policy: BatchPolicy, workers: int, max_workers: int,
-                 new_decoder: Callable[[], BatchDecoder], observer: StageObserver, decoded: Callable[[DecodeRow], None] = lambda row: None):
-        super().__init__("decoder", device, policy, workers, max_workers, None, observer)
+                 new_decoder: Callable[[], BatchDecoder], observer: StageObserver, decoded: Callable[[DecodeRow], None] = lambda row: None,
+                 live: LiveWindows | None = None):
+        super().__init__("decoder", device, policy, workers, max_workers, None, observer, live=live)
         self.new_decoder = new_decoder
         self.decoded = decoded  # told of each window decoded (its search and fallbacks are counted)
         self._parked: set[Job] = set()  # encoded windows whose prompt waits for the text of the window before
@@ -382,6 +384,9 @@ class DecoderStage(Stage):
                 return
             if live.decoder.running or jobs.decoder.running or leaving:
                 lane, credit = self._turn(live, jobs, credit)
+                if lane is None:  # job rows alone, and a live window on its way in another stage: they wait for it
+                    await self.scheduler.changed.wait()
+                    continue
                 joining = [] if leaving else self._joining(lane, lane is jobs)
             else:
                 batch = await self._wait_for_work(lambda: self._next_batch((live, jobs), full))
@@ -436,13 +441,13 @@ class DecoderStage(Stage):
                 held[:] = [row.owner for row in (*live.decoder.rows, *jobs.decoder.rows)] + finished
                 await self._hand_on(held, finished)
 
-    def _turn(self, live: _Lane, jobs: _Lane, credit: float) -> tuple[_Lane, float]:
+    def _turn(self, live: _Lane, jobs: _Lane, credit: float) -> tuple[_Lane | None, float]:
         """Which running batch takes the next step: live work's whenever it has rows or some waits, but while
         its rows and what waits are REST work alone, job rows take ASR_JOB_SHARE of the steps. Job rows never
-        step while a final or an interim step runs or waits."""
+        step while a final or an interim step is anywhere in the stages: None, nothing steps."""
         waiting = {p for p in (Priority.FINAL, Priority.REALTIME, Priority.BULK) if self.scheduler.depth(p)}
         if not (live.decoder.running or waiting):
-            return jobs, credit
+            return (None if self.scheduler.jobs_held() else jobs), credit
         if not jobs.decoder.running or waiting - {Priority.BULK} or any(row.owner.priority is not Priority.BULK for row in live.decoder.rows):
             return live, credit
         credit = min(1.0, credit + self.scheduler.policy.job_share)

@@ -32,7 +32,8 @@ class JobLane:
                                     on_outcome=lambda outcome: metrics.job_webhook_deliveries.labels(outcome).inc())
         self.runner = JobRunner(self.store, engine_for, self.webhooks, s.job_concurrency, s.job_lookahead_windows, s.job_retention_s,
                                 on_window=metrics.job_windows.inc,
-                                on_audio=lambda model, seconds: metrics.audio_seconds.labels(model, "job").inc(seconds))
+                                on_audio=lambda model, seconds: metrics.audio_seconds.labels(model, "job").inc(seconds),
+                                on_store_failure=metrics.job_store_failures.inc)
         self._observer: asyncio.Task | None = None
 
     @classmethod

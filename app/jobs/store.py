@@ -160,6 +160,14 @@ class JobStore:
     async def _run(self, call: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call, *args)
 
+    async def _write(self, call: Callable[..., T], *args: Any) -> T:
+        """A write to the database: one SQLite refuses (the disk or a file-size limit is full, an I/O error) raises
+        :class:`StorageFull`; its transaction was rolled back, so nothing of it is kept and what was stored stays."""
+        try:
+            return await self._run(call, *args)
+        except sqlite3.OperationalError as exc:
+            raise StorageFull(f"the job store could not be written ({exc})") from exc
+
     @property
     def db(self) -> sqlite3.Connection:
         assert self._db is not None, "JobStore.open() first"
@@ -197,7 +205,7 @@ class JobStore:
     # jobs
     async def insert(self, job: JobRecord) -> JobRecord:
         """Add a job; with an idempotency key already used by the tenant, the job stored under it is returned instead."""
-        return await self._run(self._insert, job)
+        return await self._write(self._insert, job)
 
     def _insert(self, job: JobRecord) -> JobRecord:
         values = {name: getattr(job, name) for name in job.__dataclass_fields__}
@@ -211,8 +219,6 @@ class JobStore:
             if existing is None:
                 raise
             return existing
-        except sqlite3.OperationalError as exc:
-            raise StorageFull(f"the job could not be recorded ({exc})") from exc
         return job
 
     def _by_key(self, tenant: str, key: str | None) -> JobRecord | None:
@@ -262,7 +268,7 @@ class JobStore:
         def update() -> None:
             encoded = {k: json.dumps(v) if k in _JSON_FIELDS and v is not None else v for k, v in values.items()}
             self.db.execute(f"UPDATE jobs SET {', '.join(f'{k} = :{k}' for k in encoded)} WHERE id = :id", {**encoded, "id": job_id})
-        await self._run(update)
+        await self._write(update)
 
     async def start_run(self, job_id: str) -> int:
         """Mark the job running; returns the number of this run (1 the first time, 2 after a restart...)."""
@@ -270,7 +276,7 @@ class JobStore:
             self.db.execute("UPDATE jobs SET status = 'running', runs = runs + 1, started_at = COALESCE(started_at, ?) WHERE id = ?",
                             (time.time(), job_id))
             return self.db.execute("SELECT runs FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]
-        return await self._run(start)
+        return await self._write(start)
 
     # windows
     async def add_window(self, job_id: str, index: int, run: int, window: dict) -> None:
@@ -280,7 +286,7 @@ class JobStore:
                 self.db.execute("BEGIN IMMEDIATE")
                 self.db.execute("INSERT INTO windows (job_id, idx, run, window) VALUES (?, ?, ?, ?)", (job_id, index, run, json.dumps(window)))
                 self.db.execute("UPDATE jobs SET windows_done = windows_done + 1 WHERE id = ?", (job_id,))
-        await self._run(add)
+        await self._write(add)
 
     async def windows(self, job_id: str) -> list[tuple[int, dict]]:
         """A job's finished windows, in order: (the run that transcribed it, the window)."""
@@ -294,7 +300,7 @@ class JobStore:
         def delete() -> None:
             self.db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
             self.audio_path(job_id).unlink(missing_ok=True)
-        await self._run(delete)
+        await self._write(delete)
 
     async def drop_audio(self, job_id: str) -> None:
         await self._run(lambda: self.audio_path(job_id).unlink(missing_ok=True))
@@ -313,7 +319,7 @@ class JobStore:
                 self.db.execute("BEGIN IMMEDIATE")
                 self.db.execute("DELETE FROM windows WHERE job_id = ?", (job_id,))
                 self.db.execute("UPDATE jobs SET windows_done = 0, model_sha256 = ? WHERE id = ?", (model_sha256, job_id))
-        await self._run(reset)
+        await self._write(reset)
 
     async def pending_webhooks(self) -> list[JobRecord]:
         """Finished jobs whose webhook is still owed."""

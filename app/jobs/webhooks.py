@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import httpx
 
-from app.jobs.store import JobRecord, JobStore
+from app.jobs.store import JobRecord, JobStore, StorageFull
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,14 @@ class JobWebhooks:
         await asyncio.gather(*self._deliveries, return_exceptions=True)
         await self._client.aclose()
 
+    async def _record(self, job_id: str, state: dict) -> None:
+        """A delivery's state on its job; one that cannot be stored (the disk is full) is logged, and the delivery goes
+        on: at worst a restart sends a delivered one again, and receivers must take a delivery twice anyway."""
+        try:
+            await self.store.update(job_id, webhook=state)
+        except StorageFull as exc:
+            log.error("job %s: its webhook's delivery could not be recorded (%s)", job_id, exc)
+
     async def _deliver(self, job: JobRecord) -> None:
         summary = {key: value for key, value in self.summary(job, False).items() if key != "webhook"}
         body = json.dumps(summary).encode()
@@ -110,12 +118,12 @@ class JobWebhooks:
                 error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if error is None:
                 state.update(status="delivered", delivered_at=time.time(), last_error=None)
-                await self.store.update(job.id, webhook=state)
+                await self._record(job.id, state)
                 self.on_outcome("delivered")
                 return
             last = state["attempts"] >= self.max_attempts
             state.update(status="failed" if last else "pending", last_error=error)
-            await self.store.update(job.id, webhook=state)
+            await self._record(job.id, state)
             self.on_outcome("failed" if last else "retried")
             if not last:
                 await asyncio.sleep(min(MAX_BACKOFF_S, self.first_backoff_s * 2 ** (state["attempts"] - 1)))

@@ -149,5 +149,8 @@ async def delete_job(request: Request, job_id: str) -> JSONResponse:
         job = await lane.store.get(job.id) or job
         if job.status in UNFINISHED:  # queued, never started: nothing ran
             job.status, job.finished_at = "cancelled", time.time()
-    await lane.store.delete(job.id)
+    try:
+        await lane.store.delete(job.id)
+    except StorageFull as exc:
+        raise APIError(507, "insufficient_storage", f"{exc}; the job is kept: free space under ASR_DATA_DIR and retry", {"Retry-After": "60"}) from exc
     return JSONResponse({**job_summary(job, result=False), "deleted": True})
