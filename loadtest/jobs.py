@@ -52,7 +52,7 @@ def submit(client: httpx.Client, audio: bytes) -> str:
 
 
 def wait_until(client: httpx.Client, job_id: str, done, every_s: float = 0.5, timeout_s: float = 3600) -> Json:
-    deadline, last = time.monotonic() + timeout_s, None
+    deadline, last, job = time.monotonic() + timeout_s, None, None
     while time.monotonic() < deadline:
         job = client.get(f"/v1/jobs/{job_id}").json()
         if (job["windows"]["done"], job["status"]) != last:
@@ -61,7 +61,7 @@ def wait_until(client: httpx.Client, job_id: str, done, every_s: float = 0.5, ti
         if done(job):
             return job
         time.sleep(every_s)
-    raise TimeoutError(f"job {job_id} did not get there in {timeout_s:g} s")
+    raise TimeoutError(f"job {job_id} did not get there in {timeout_s:g} s: {job}")
 
 
 def finished(job: Json) -> bool:

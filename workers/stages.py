@@ -324,7 +324,7 @@ class Stage:
 class _Lane:
     """One running batch of a decoder worker. Live work (finals, interim steps, REST files) and job windows
     each have their own, so a job row never makes a final's step slower: job rows step only while no live
-    row runs or waits (or for their share against REST rows)."""
+    row runs or waits and no stream's window is anywhere in the stages (or for their share against REST rows)."""
 
     decoder: BatchDecoder
     capacity: int  # rows it may hold: the stage's batch size, or fewer after running out of memory
@@ -341,8 +341,9 @@ class DecoderStage(Stage):
     A worker told to leave under load takes no new rows and leaves once its running rows are finished.
 
     Each worker keeps two running batches (:class:`_Lane`): one for live work and REST files, one for job
-    windows. A step is taken for one of them: the job batch's only while no live row runs or waits (or, beside
-    REST rows alone, for its ASR_JOB_SHARE of the steps), so durable jobs never make a stream's step slower.
+    windows. A step is taken for one of them: the job batch's only while no live row runs or waits and no
+    stream's window is in an earlier stage (or, beside REST rows alone, for its ASR_JOB_SHARE of the steps), so
+    durable jobs never make a stream's step slower.
     """
 
     def __init__(self, device: str, policy: BatchPolicy, workers: int, max_workers: int,

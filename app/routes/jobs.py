@@ -34,6 +34,10 @@ def _lane(service: Service) -> JobLane:
     return service.jobs
 
 
+def _store_full(exc: StorageFull, kept: str) -> APIError:
+    return APIError(507, "insufficient_storage", f"{exc}; {kept}: free space under ASR_DATA_DIR and retry", {"Retry-After": "60"})
+
+
 async def _job(request: Request, job_id: str) -> tuple[JobLane, JobRecord]:
     lane = _lane(request.app.state.service)
     job = await lane.store.get(job_id, tenant_of(request.scope))
@@ -81,7 +85,7 @@ async def submit_job(
         stored = await lane.store.insert(job)
     except StorageFull as exc:
         await lane.store.drop_audio(job.id)
-        raise APIError(507, "insufficient_storage", f"{exc}; nothing was stored: free space under ASR_DATA_DIR and retry", {"Retry-After": "60"}) from exc
+        raise _store_full(exc, "nothing was stored") from exc
     if stored is not job:  # the same key was used meanwhile
         await lane.store.drop_audio(job.id)
         return _submitted(stored, request_sha256)
@@ -152,5 +156,5 @@ async def delete_job(request: Request, job_id: str) -> JSONResponse:
     try:
         await lane.store.delete(job.id)
     except StorageFull as exc:
-        raise APIError(507, "insufficient_storage", f"{exc}; the job is kept: free space under ASR_DATA_DIR and retry", {"Retry-After": "60"}) from exc
+        raise _store_full(exc, "the job is kept") from exc
     return JSONResponse({**job_summary(job, result=False), "deleted": True})
